@@ -1,0 +1,300 @@
+"""The ``tally`` command line: thin shells over the library functions.
+
+Exit codes (SPEC): 0 success; 1 a step failed (the others committed); 2 invalid
+input (one line naming the value, nothing written); 3 a database or broker
+cannot be reached.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+from typing import List, Optional
+
+import typer
+from typer.exceptions import Abort as _Abort, Exit as _Exit
+
+try:  # typer >= 0.20 vendors click
+    from typer._click.exceptions import ClickException as _ClickException
+except ImportError:  # pragma: no cover
+    from click import ClickException as _ClickException
+from rich.console import Console
+from rich.table import Table
+
+from . import buckets as B
+from .errors import InvalidInput, TallyError, Unreachable
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="Idempotent, observable rollups of AI-agent execution logs in PostgreSQL.",
+)
+db_app = typer.Typer(no_args_is_help=True, help="Schema migrations and the embedded database.")
+run_app = typer.Typer(no_args_is_help=True, help="Run one rollup for one bucket (default: the last complete one).")
+app.add_typer(db_app, name="db")
+app.add_typer(run_app, name="run")
+
+# Not a terminal (a pipe, a log file): wide enough that tables are not cramped.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+
+
+def say_database() -> str:
+    """Print which database this command uses (password hidden) and return its URL."""
+    from .db import database_url, describe
+
+    err.print(f"tally: {describe()}")
+    return database_url()
+
+
+def _emit_json(data) -> None:
+    sys.stdout.write(json.dumps(data, default=str, indent=2) + "\n")
+
+
+# ---- db ----------------------------------------------------------------------------------
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Option("head", help="Target revision.")) -> None:
+    """Apply migrations (Alembic); safe to run again on a migrated database."""
+    from . import migrate
+
+    url = say_database()
+    migrate.upgrade(url, revision)
+    out.print(f"schema at revision {migrate.current(url)}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str = typer.Option("base", help="Target revision.")) -> None:
+    """Revert tally's tables (the source tables are kept)."""
+    from . import migrate
+
+    url = say_database()
+    migrate.downgrade(url, revision)
+    out.print(f"schema at revision {migrate.current(url) or 'base'}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the schema revision."""
+    from . import migrate
+
+    url = say_database()
+    out.print(migrate.current(url) or "base (not migrated)")
+
+
+@db_app.command("stop")
+def db_stop() -> None:
+    """Stop the embedded PostgreSQL, if one is running."""
+    from .config import settings
+
+    pgdata = settings().home / "pg"
+    if not (pgdata / "postmaster.pid").exists():
+        out.print(f"no embedded PostgreSQL running in {pgdata}")
+        return
+    import pgserver
+
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    server.cleanup()
+    out.print(f"stopped the embedded PostgreSQL in {pgdata}")
+
+
+# ---- seed --------------------------------------------------------------------------------
+
+@app.command()
+def seed(
+    from_: Optional[str] = typer.Option(None, "--from", help="First hour (ISO 8601, on the hour). Default: 24 h before the current hour."),
+    hours: int = typer.Option(24, help="How many hours to fill."),
+    workspaces: int = typer.Option(20, help="Number of workspaces."),
+    executions_per_hour: int = typer.Option(500, help="Executions per hour."),
+    events_per_hour: int = typer.Option(1500, help="User-activity events per hour."),
+    seed_: int = typer.Option(42, "--seed", help="Random seed: the same seed gives the same rows."),
+) -> None:
+    """Write realistic synthetic source data (deterministic for a given --seed)."""
+    from rich.progress import Progress
+
+    from . import seed as seeding
+    from .db import connection
+
+    if from_ is None:
+        start = B.floor("hourly", dt.datetime.now(B.UTC)) - dt.timedelta(hours=24)
+    else:
+        start = B.parse_time(from_, "--from")
+    try:
+        seeding._validate(start, hours, workspaces, executions_per_hour, events_per_hour, seed_)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    url = say_database()
+    with connection(url) as conn, Progress(console=err, transient=True) as progress:
+        task = progress.add_task("seeding", total=hours)
+        result = seeding.seed(conn, start=start, hours=hours, workspaces=workspaces,
+                              executions_per_hour=executions_per_hour, events_per_hour=events_per_hour,
+                              seed=seed_, progress=lambda done, total: progress.update(task, completed=done))
+    out.print(f"seeded {result.executions:,} executions and {result.events:,} events "
+              f"for {result.start:%Y-%m-%dT%H:00Z} .. {result.end:%Y-%m-%dT%H:00Z}"
+              + (f" ({result.executions_skipped:,} executions already present)" if result.executions_skipped else ""))
+
+
+# ---- run ---------------------------------------------------------------------------------
+
+def print_rollup(result, as_json: bool = False) -> None:
+    if as_json:
+        _emit_json(result.as_dict())
+        return
+    if result.prepared:
+        n_ok = sum(1 for p in result.prepared if p.ok)
+        out.print(f"prepared {len(result.prepared)} hour(s) of {result.bucket.label} first "
+                  f"({n_ok} ok, {len(result.prepared) - n_ok} failed)")
+    if not result.steps:
+        out.print(f"{result.bucket}: nothing to do (every step already succeeded)")
+        return
+    table = Table(title=f"{result.bucket}{' (atomic)' if result.atomic else ''}", title_justify="left")
+    for col in ("step", "status", "rows", "attempt", "seconds", "error"):
+        table.add_column(col, justify="right" if col in ("rows", "attempt", "seconds") else "left")
+    colors = {"succeeded": "green", "failed": "red", "skipped": "yellow"}
+    for s in result.steps:
+        table.add_row(s.step, f"[{colors.get(s.status, 'white')}]{s.status}[/]",
+                      "" if s.rows is None else f"{s.rows:,}", str(s.attempt), f"{s.seconds:.3f}",
+                      (s.error or "").splitlines()[0] if s.error else "")
+    out.print(table)
+
+
+def _run(rollup: str, when: Optional[str], steps: Optional[List[str]], atomic: bool, as_json: bool) -> None:
+    from .rollups import Runner
+    from .steps import steps_of
+
+    bucket = B.parse_bucket(rollup, when)
+    steps_of(rollup, steps)  # unknown step names are rejected before anything is written
+    url = say_database()
+    with Runner(url, trigger="manual") as runner:
+        result = runner.run(bucket, steps, atomic=atomic)
+    print_rollup(result, as_json)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+_STEP_HELP = "Run only this step (repeatable)."
+_ATOMIC_HELP = "All steps in one transaction: all or nothing."
+
+
+@run_app.command("hourly")
+def run_hourly(hour: Optional[str] = typer.Option(None, help="The hour, ISO 8601 on the hour (UTC if no offset)."),
+               step: Optional[List[str]] = typer.Option(None, help=_STEP_HELP),
+               atomic: bool = typer.Option(False, help=_ATOMIC_HELP),
+               as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+    """execution_metrics, user_activity, credit_consumption for one hour."""
+    _run("hourly", hour, step, atomic, as_json)
+
+
+@run_app.command("daily")
+def run_daily(date: Optional[str] = typer.Option(None, help="The UTC day, YYYY-MM-DD."),
+              step: Optional[List[str]] = typer.Option(None, help=_STEP_HELP),
+              atomic: bool = typer.Option(False, help=_ATOMIC_HELP),
+              as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+    """daily_metrics for one day (its missing, failed or dirty hours are aggregated first)."""
+    _run("daily", date, step, atomic, as_json)
+
+
+@run_app.command("weekly")
+def run_weekly(week: Optional[str] = typer.Option(None, help="The ISO week, given by its Monday (YYYY-MM-DD)."),
+               step: Optional[List[str]] = typer.Option(None, help=_STEP_HELP),
+               atomic: bool = typer.Option(False, help=_ATOMIC_HELP),
+               as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+    """weekly_metrics for one ISO week (its missing, failed or dirty hours first)."""
+    _run("weekly", week, step, atomic, as_json)
+
+
+@run_app.command("monthly")
+def run_monthly(month: Optional[str] = typer.Option(None, help="The month, YYYY-MM."),
+                step: Optional[List[str]] = typer.Option(None, help=_STEP_HELP),
+                atomic: bool = typer.Option(False, help=_ATOMIC_HELP),
+                as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+    """monthly_metrics for one calendar month (its missing, failed or dirty hours first)."""
+    _run("monthly", month, step, atomic, as_json)
+
+
+# ---- the ledger --------------------------------------------------------------------------
+
+@app.command()
+def runs(failed: bool = typer.Option(False, "--failed", help="Only failed attempts."),
+         limit: int = typer.Option(50, min=1, max=100000, help="How many rows."),
+         as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """The run ledger, newest first."""
+    from .db import connection
+    from .queries import query
+
+    url = say_database()
+    with connection(url, autocommit=True) as conn:
+        cur = conn.execute(query("ledger_recent"), dict(failed=failed, limit=limit))
+        cols = [c.name for c in cur.description]
+        rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table(title=f"ledger, newest first ({len(rows)} rows)", title_justify="left")
+    for col in ("id", "started", "rollup", "step", "bucket", "status", "seconds", "rows", "attempt", "trigger", "error"):
+        table.add_column(col, justify="right" if col in ("id", "seconds", "rows", "attempt") else "left")
+    colors = {"succeeded": "green", "failed": "red", "skipped": "yellow", "running": "cyan"}
+    for r in rows:
+        table.add_row(
+            str(r["id"]), f"{r['started_at']:%Y-%m-%d %H:%M:%S}", r["rollup"], r["step"], r["bucket"],
+            f"[{colors.get(r['status'], 'white')}]{r['status']}[/]",
+            "" if r["seconds"] is None else f"{r['seconds']:.3f}",
+            "" if r["rows_written"] is None else f"{r['rows_written']:,}",
+            str(r["attempt"]), r["trigger"], (r["error"] or "").splitlines()[0][:100] if r["error"] else "",
+        )
+    out.print(table)
+
+
+# ---- demo --------------------------------------------------------------------------------
+
+@app.command()
+def demo(hours: int = typer.Option(48, help="Hours of synthetic data ending at the current hour."),
+         executions_per_hour: int = typer.Option(500, help="Executions per hour."),
+         workspaces: int = typer.Option(20, help="Number of workspaces.")) -> None:
+    """The whole job on a fresh machine: database, migrations, seed, rollups, status."""
+    from . import demo as demo_mod
+
+    url = say_database()
+    code = demo_mod.run(url, hours=hours, executions_per_hour=executions_per_hour, workspaces=workspaces,
+                        out=out, err=err)
+    if code:
+        raise typer.Exit(code)
+
+
+# ---- entry point -------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; every error is one line on stderr and a SPEC exit code."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("tally").setLevel(logging.WARNING)
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="tally")
+        code = rv if isinstance(rv, int) else 0
+    except _Exit as exc:
+        code = exc.exit_code
+    except _Abort:
+        err.print("tally: interrupted")
+        code = 130
+    except _ClickException as exc:  # usage errors: unknown command, bad option value
+        err.print(f"tally: error: {exc.format_message()}", markup=False)
+        code = 2
+    except TallyError as exc:
+        err.print(f"tally: error: {exc}", markup=False)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        err.print("tally: interrupted")
+        code = 130
+    return _exit(code)
+
+
+def _exit(code: int) -> int:
+    if __name__ != "__main__":
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Which database tally talks to, and how it connects.
+
+``TALLY_DATABASE_URL`` names a PostgreSQL server; without it an embedded
+PostgreSQL (the ``pgserver`` wheel) is started in ``$TALLY_HOME/pg`` and left
+running for the next command (``tally db stop`` stops it).
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import urllib.parse
+from typing import Iterator
+
+import psycopg
+
+from .config import settings
+from .errors import Unreachable
+
+_PASSWORD_KV = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ``***`` (URL or key=value form)."""
+    if "://" in url:
+        parts = urllib.parse.urlsplit(url)
+        if parts.password is not None:
+            user = urllib.parse.quote(parts.username or "", safe="")
+            host = parts.hostname or ""
+            if parts.port:
+                host = f"{host}:{parts.port}"
+            parts = parts._replace(netloc=f"{user}:***@{host}")
+        url = urllib.parse.urlunsplit(parts)
+    return _PASSWORD_KV.sub(r"\1***", url)
+
+
+def scrub(text: str, url: str | None) -> str:
+    """Remove the password of ``url`` from any text (error messages, logs)."""
+    if url:
+        password = None
+        if "://" in url:
+            password = urllib.parse.urlsplit(url).password
+        else:
+            m = _PASSWORD_KV.search(url)
+            password = m.group(2).strip("'") if m else None
+        if password:
+            text = text.replace(password, "***")
+            text = text.replace(urllib.parse.quote(password, safe=""), "***")
+    return text
+
+
+_embedded_url: str | None = None
+
+
+def embedded_url() -> str:
+    """Start (or find running) the embedded PostgreSQL and return its URL."""
+    global _embedded_url
+    if _embedded_url is None:
+        try:
+            import pgserver
+        except ImportError as exc:  # pragma: no cover - dependency of the package
+            raise Unreachable(f"embedded PostgreSQL unavailable: {exc}") from None
+        home = settings().home / "pg"
+        home.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            server = pgserver.get_server(home, cleanup_mode=None)
+        except Exception as exc:  # pgserver raises CalledProcessError/AssertionError
+            raise Unreachable(f"cannot start the embedded PostgreSQL in {home}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        _embedded_url = server.get_uri("postgres")
+    return _embedded_url
+
+
+def database_url() -> str:
+    return settings().database_url or embedded_url()
+
+
+def describe() -> str:
+    """One line naming the database in use, password hidden."""
+    s = settings()
+    if s.database_url:
+        return f"database: {redact(s.database_url)}"
+    return f"database: embedded PostgreSQL in {s.home / 'pg'}"
+
+
+def connect(url: str | None = None, *, autocommit: bool = False, **kwargs) -> psycopg.Connection:
+    """Open a connection; an unreachable server raises :class:`Unreachable` (exit 3)."""
+    url = url or database_url()
+    kwargs.setdefault("connect_timeout", 10)
+    kwargs.setdefault("application_name", "tally")
+    try:
+        return psycopg.connect(url, autocommit=autocommit, **kwargs)
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise Unreachable(f"cannot reach {redact(url)}: {scrub(first, url)}") from None
+
+
+@contextlib.contextmanager
+def connection(url: str | None = None, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
+    conn = connect(url, autocommit=autocommit)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def sqlalchemy_url(url: str) -> str:
+    """The same server as a SQLAlchemy URL for Alembic (psycopg 3 driver)."""
+    if "://" not in url:
+        raise Unreachable("Alembic needs a URL of the form postgresql://user@host/db")
+    scheme, rest = url.split("://", 1)
+    return f"postgresql+psycopg://{rest}"

@@ -1,0 +1,52 @@
+"""Schema migrations (Alembic), run on tally's own connection."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, pool
+from sqlalchemy.exc import OperationalError
+
+from .db import database_url, redact, scrub, sqlalchemy_url
+from .errors import Unreachable
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _run(action, url: str | None, target: str) -> None:
+    url = url or database_url()
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    engine = create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)
+    try:
+        with engine.begin() as connection:
+            cfg.attributes["connection"] = connection
+            action(cfg, target)
+    except OperationalError as exc:
+        first = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        raise Unreachable(f"cannot reach {redact(url)}: {scrub(first, url)}") from None
+    finally:
+        engine.dispose()
+
+
+def upgrade(url: str | None = None, target: str = "head") -> None:
+    """Apply migrations up to ``target`` (idempotent on a migrated database)."""
+    _run(command.upgrade, url, target)
+
+
+def downgrade(url: str | None = None, target: str = "base") -> None:
+    """Revert tally's tables (source tables are kept: they are the platform's data)."""
+    _run(command.downgrade, url, target)
+
+
+def current(url: str | None = None) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    url = url or database_url()
+    engine = create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()

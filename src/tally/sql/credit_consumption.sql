@@ -1,0 +1,56 @@
+-- credit_consumption --
+-- One hour of public.execution_logs -> analytics.credit_consumption_hourly,
+-- keyed by workspace, user and agent. Parameters: start, end.
+WITH src AS (
+    SELECT coalesce(workspace_id, '') AS workspace_id,
+           coalesce(user_id, '') AS user_id,
+           coalesce(agent_id, '') AS agent_id,
+           lower(status) IN ('completed', 'success', 'succeeded') AS succeeded,
+           coalesce(credits_used, 0) AS credits
+    FROM public.execution_logs
+    WHERE started_at >= %(start)s AND started_at < %(end)s
+),
+metrics AS (
+    SELECT workspace_id, user_id, agent_id,
+           sum(credits) AS total_credits,
+           max(credits) AS peak_credits_per_execution,
+           count(*) AS executions_count,
+           count(*) FILTER (WHERE succeeded) AS successful_executions,
+           coalesce(sum(credits) FILTER (WHERE succeeded), 0) AS success_credits
+    FROM src
+    GROUP BY 1, 2, 3
+),
+written AS (
+    INSERT INTO analytics.credit_consumption_hourly AS t (
+        workspace_id, user_id, agent_id, hour, total_credits, avg_credits_per_execution,
+        peak_credits_per_execution, executions_count, successful_executions, credits_per_success)
+    SELECT workspace_id, user_id, agent_id, %(start)s, total_credits, total_credits / executions_count,
+           peak_credits_per_execution, executions_count, successful_executions,
+           -- numeric division, never integer division (25 / 2 = 12.5)
+           CASE WHEN successful_executions = 0 THEN 0 ELSE success_credits / successful_executions END
+    FROM metrics
+    ON CONFLICT (workspace_id, user_id, agent_id, hour) DO UPDATE SET
+        total_credits = EXCLUDED.total_credits,
+        avg_credits_per_execution = EXCLUDED.avg_credits_per_execution,
+        peak_credits_per_execution = EXCLUDED.peak_credits_per_execution,
+        executions_count = EXCLUDED.executions_count,
+        successful_executions = EXCLUDED.successful_executions,
+        credits_per_success = EXCLUDED.credits_per_success,
+        updated_at = now()
+    WHERE (t.total_credits, t.avg_credits_per_execution, t.peak_credits_per_execution, t.executions_count,
+           t.successful_executions, t.credits_per_success)
+          IS DISTINCT FROM
+          (EXCLUDED.total_credits, EXCLUDED.avg_credits_per_execution, EXCLUDED.peak_credits_per_execution,
+           EXCLUDED.executions_count, EXCLUDED.successful_executions, EXCLUDED.credits_per_success)
+    RETURNING 1
+),
+removed AS (
+    DELETE FROM analytics.credit_consumption_hourly t
+    WHERE t.hour = %(start)s
+      AND NOT EXISTS (SELECT 1 FROM metrics m WHERE m.workspace_id = t.workspace_id
+                                                AND m.user_id = t.user_id AND m.agent_id = t.agent_id)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM metrics) AS rows,
+       (SELECT count(*) FROM written) AS changed,
+       (SELECT count(*) FROM removed) AS removed;

@@ -1,0 +1,79 @@
+-- execution_metrics --
+-- One hour of public.execution_logs -> analytics.execution_metrics_hourly, keyed by workspace.
+-- Parameters: start, end (the hour, half-open), ln_gamma (the sketch's bin width).
+WITH src AS (
+    SELECT coalesce(workspace_id, '') AS workspace_id,      -- a missing id is aggregated under ''
+           lower(status) AS status,
+           -- valid duration: non-null, finite, >= 0 (NaN sorts above Infinity, so one test covers both)
+           CASE WHEN duration >= 0 AND duration < 'Infinity'::float8 THEN duration END AS runtime,
+           coalesce(credits_used, 0) AS credits
+    FROM public.execution_logs
+    WHERE started_at >= %(start)s AND started_at < %(end)s
+),
+metrics AS (
+    SELECT workspace_id,
+           count(*) AS total_executions,
+           count(*) FILTER (WHERE status IN ('completed', 'success', 'succeeded')) AS successful_executions,
+           count(*) FILTER (WHERE status IN ('failed', 'failure', 'error', 'timeout', 'timed_out')) AS failed_executions,
+           avg(runtime) AS avg_runtime,
+           percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY runtime) AS pct,
+           sum(credits) AS total_credits,
+           count(runtime) AS runtime_count,
+           sum(runtime) AS runtime_sum
+    FROM src
+    GROUP BY workspace_id
+),
+-- The mergeable sketch: logarithmic bins ceil(ln(x) / ln(gamma)); exact zeros get their own bin.
+sketch AS (
+    SELECT workspace_id, array_agg(bin ORDER BY bin) AS bins, array_agg(n ORDER BY bin) AS counts
+    FROM (SELECT workspace_id,
+                 CASE WHEN runtime = 0 THEN -2147483648 ELSE ceil(ln(runtime) / %(ln_gamma)s)::int END AS bin,
+                 count(*) AS n
+          FROM src WHERE runtime IS NOT NULL
+          GROUP BY 1, 2) b
+    GROUP BY workspace_id
+),
+written AS (
+    INSERT INTO analytics.execution_metrics_hourly AS t (
+        workspace_id, hour, total_executions, successful_executions, failed_executions,
+        avg_runtime, p50_runtime, p95_runtime, p99_runtime, total_credits, avg_credits_per_run,
+        runtime_count, runtime_sum, runtime_sketch_bins, runtime_sketch_counts)
+    SELECT m.workspace_id, %(start)s, m.total_executions, m.successful_executions, m.failed_executions,
+           m.avg_runtime, m.pct[1], m.pct[2], m.pct[3], m.total_credits, m.total_credits / m.total_executions,
+           m.runtime_count, m.runtime_sum, coalesce(s.bins, ARRAY[]::int[]), coalesce(s.counts, ARRAY[]::bigint[])
+    FROM metrics m LEFT JOIN sketch s USING (workspace_id)
+    ON CONFLICT (workspace_id, hour) DO UPDATE SET
+        total_executions = EXCLUDED.total_executions,
+        successful_executions = EXCLUDED.successful_executions,
+        failed_executions = EXCLUDED.failed_executions,
+        avg_runtime = EXCLUDED.avg_runtime,
+        p50_runtime = EXCLUDED.p50_runtime,
+        p95_runtime = EXCLUDED.p95_runtime,
+        p99_runtime = EXCLUDED.p99_runtime,
+        total_credits = EXCLUDED.total_credits,
+        avg_credits_per_run = EXCLUDED.avg_credits_per_run,
+        runtime_count = EXCLUDED.runtime_count,
+        runtime_sum = EXCLUDED.runtime_sum,
+        runtime_sketch_bins = EXCLUDED.runtime_sketch_bins,
+        runtime_sketch_counts = EXCLUDED.runtime_sketch_counts,
+        updated_at = now()
+    -- an unchanged row is left alone: updated_at means "the numbers changed"
+    WHERE (t.total_executions, t.successful_executions, t.failed_executions, t.avg_runtime, t.p50_runtime,
+           t.p95_runtime, t.p99_runtime, t.total_credits, t.avg_credits_per_run, t.runtime_count, t.runtime_sum,
+           t.runtime_sketch_bins, t.runtime_sketch_counts)
+          IS DISTINCT FROM
+          (EXCLUDED.total_executions, EXCLUDED.successful_executions, EXCLUDED.failed_executions, EXCLUDED.avg_runtime,
+           EXCLUDED.p50_runtime, EXCLUDED.p95_runtime, EXCLUDED.p99_runtime, EXCLUDED.total_credits,
+           EXCLUDED.avg_credits_per_run, EXCLUDED.runtime_count, EXCLUDED.runtime_sum,
+           EXCLUDED.runtime_sketch_bins, EXCLUDED.runtime_sketch_counts)
+    RETURNING 1
+),
+removed AS (
+    -- keys whose source rows are gone
+    DELETE FROM analytics.execution_metrics_hourly t
+    WHERE t.hour = %(start)s AND NOT EXISTS (SELECT 1 FROM metrics m WHERE m.workspace_id = t.workspace_id)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM metrics) AS rows,
+       (SELECT count(*) FROM written) AS changed,
+       (SELECT count(*) FROM removed) AS removed;
