@@ -215,6 +215,53 @@ def run_monthly(month: Optional[str] = typer.Option(None, help="The month, YYYY-
     _run("monthly", month, step, atomic, as_json)
 
 
+# ---- catch-up (logic in catchup.py) -------------------------------------------------------
+
+@app.command("catch-up")
+def catch_up(as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+    """Every dirty, missing or failed bucket: hours first, then the days, weeks and months due."""
+    from collections import Counter
+
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from . import catchup
+
+    url = say_database()
+    say = err.print if as_json else out.print  # with --json, stdout holds only the JSON
+    colors = {"succeeded": "green", "failed": "red", "skipped": "yellow"}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=err, transient=True) as progress:
+        task = None
+
+        def on_plan(rollup, planned) -> None:
+            nonlocal task
+            why = ", ".join(f"{n} {r}" for r, n in sorted(Counter(p.reason for p in planned).items()))
+            say(f"{rollup}: {len(planned)} to run" + (f" ({why})" if why else ""))
+            if task is not None:
+                progress.remove_task(task)
+            task = progress.add_task(rollup, total=len(planned))
+
+        def on_bucket(result) -> None:
+            progress.update(task, advance=1, description=str(result.bucket))
+            for r in [*result.prepared, result]:
+                if not r.ok or any(s.status == "skipped" for s in r.steps):
+                    for s in r.steps:
+                        if s.status != "succeeded":
+                            first = escape(s.error.splitlines()[0]) if s.error else ""
+                            progress.console.print(f"  {r.bucket} {s.step}: [{colors[s.status]}]{s.status}[/] {first}")
+
+        result = catchup.catch_up(url, on_plan=on_plan, on_bucket=on_bucket)
+    n = len(result.buckets)
+    prepared = sum(len(r.prepared) for r in result.buckets)
+    say(f"catch-up: {n} bucket(s) run" + (f", {prepared} hour(s) prepared for them" if prepared else "")
+        + f", {len(result.failed)} failed" if n else "catch-up: nothing to do")
+    if as_json:
+        _emit_json(result.as_dict())
+    if not result.ok:
+        raise typer.Exit(1)
+
+
 # ---- the ledger --------------------------------------------------------------------------
 
 @app.command()
@@ -246,6 +293,49 @@ def runs(failed: bool = typer.Option(False, "--failed", help="Only failed attemp
             str(r["attempt"]), r["trigger"], (r["error"] or "").splitlines()[0][:100] if r["error"] else "",
         )
     out.print(table)
+
+
+# ---- Celery: worker, beat, flower (logic in tasks.py) --------------------------------------
+
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _celery(loglevel: str):
+    from . import tasks
+
+    say_database()
+    err.print(f"tally: broker: {tasks._redact(tasks.app.conf.broker_url)}")
+    logging.getLogger("tally").setLevel(loglevel.upper())
+    return tasks
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def worker(ctx: typer.Context,
+           concurrency: Optional[int] = typer.Option(None, "--concurrency", "-c", min=1,
+                                                     help="Worker processes (default: one per CPU)."),
+           loglevel: str = typer.Option("INFO", help="Log level.")) -> None:
+    """The Celery worker: runs the rollup tasks. Other options go to `celery worker`."""
+    tasks = _celery(loglevel)
+    raise typer.Exit(tasks.run_worker(ctx.args, concurrency=concurrency, loglevel=loglevel))
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def beat(ctx: typer.Context, loglevel: str = typer.Option("INFO", help="Log level.")) -> None:
+    """The Celery scheduler: sends tally.catch_up every hour at minute 5."""
+    tasks = _celery(loglevel)
+    raise typer.Exit(tasks.run_beat(ctx.args, loglevel=loglevel))
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def flower(ctx: typer.Context,
+           address: str = typer.Option("127.0.0.1", help="Address to bind; not loopback needs TALLY_FLOWER_AUTH."),
+           port: int = typer.Option(5555, min=1, max=65535, help="Port.")) -> None:
+    """The Flower UI and HTTP API (tasks, workers); basic auth from TALLY_FLOWER_AUTH."""
+    from . import tasks
+
+    auth = tasks.flower_auth(address)  # refuses an unprotected public bind before anything starts
+    _celery("INFO")
+    raise typer.Exit(tasks.run_flower(ctx.args, address=address, port=port, auth=auth))
 
 
 # ---- demo --------------------------------------------------------------------------------
@@ -287,6 +377,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("tally: interrupted")
         code = 130
+    except Exception as exc:  # a database error outside any step: one line, never a traceback
+        import psycopg
+
+        from .db import redact, scrub, settings
+
+        if not isinstance(exc, psycopg.Error):
+            raise
+        url = settings().database_url
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc, psycopg.OperationalError):
+            err.print(f"tally: error: lost the database {redact(url) if url else '(embedded)'}: {scrub(first, url)}", markup=False)
+            code = 3
+        else:
+            err.print(f"tally: error: database error: {type(exc).__name__}: {scrub(first, url)}", markup=False)
+            code = 1
     return _exit(code)
 
 

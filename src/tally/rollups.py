@@ -186,7 +186,10 @@ class Runner:
             if not chosen:
                 return result
         if bucket.rollup != "hourly" and prepare:
-            blocked = self._prepare_hours(bucket, result)
+            try:
+                blocked = self._prepare_hours(bucket, result)
+            except Exception as exc:  # the period cannot even be planned: record it as its steps' failure
+                blocked = f"inputs not ready: {describe_error(exc, self.url)}"
             if blocked:
                 for step in chosen:
                     attempt = self.ledger.start(result.run_id, bucket, step.name, self.trigger, None, self.task_id)

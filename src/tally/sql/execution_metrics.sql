@@ -19,7 +19,7 @@ metrics AS (
            percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY runtime) AS pct,
            sum(credits) AS total_credits,
            count(runtime) AS runtime_count,
-           sum(runtime) AS runtime_sum
+           coalesce(sum(runtime), 0) AS runtime_sum
     FROM src
     GROUP BY workspace_id
 ),

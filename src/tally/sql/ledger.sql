@@ -51,8 +51,8 @@ WHERE d.hour = %(start)s AND d.claimed_at IS NOT NULL
             ORDER BY step, id DESC) l);
 
 -- hours_to_prepare --
--- Hours inside a period whose inputs to the period step are not ready: never aggregated,
--- latest attempt not succeeded, or changed since (dirty).
+-- Hours inside a period whose inputs to the period step are not ready: dirty (changed since
+-- aggregated), or not aggregated / failed while they have executions or output rows.
 WITH hours AS (
     SELECT h FROM generate_series(%(start)s::timestamptz, %(end)s::timestamptz - interval '1 hour', interval '1 hour') AS h
 ),
@@ -71,7 +71,13 @@ dirty AS (
 )
 SELECT hours.h AS hour, (hours.h IN (SELECT hour FROM dirty)) AS dirty
 FROM hours
-WHERE hours.h NOT IN (SELECT bucket_start FROM ready) OR hours.h IN (SELECT hour FROM dirty)
+WHERE hours.h IN (SELECT hour FROM dirty)
+   OR (hours.h NOT IN (SELECT bucket_start FROM ready)
+       -- an hour never aggregated with no executions has nothing to contribute: not work
+       AND (EXISTS (SELECT 1 FROM public.execution_logs e
+                    WHERE e.started_at >= hours.h AND e.started_at < hours.h + interval '1 hour')
+            OR EXISTS (SELECT 1 FROM analytics.execution_metrics_hourly m WHERE m.hour = hours.h)
+            OR EXISTS (SELECT 1 FROM analytics.credit_consumption_hourly c WHERE c.hour = hours.h)))
 ORDER BY 1;
 
 -- ledger_recent --

@@ -1,0 +1,164 @@
+"""Every output column against the brute-force reference (tests/reference.py)."""
+from __future__ import annotations
+
+import datetime as dt
+import random
+from decimal import Decimal
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import reference as ref
+from outputs import read, snapshot, source_rows
+from strategies import activity_events, execution_rows, insert_events, insert_executions
+from tally import daily_rollup, hourly_rollup, monthly_rollup, weekly_rollup
+
+UTC = dt.timezone.utc
+HOUR = dt.timedelta(hours=1)
+# The window crosses midnight, so two days (and the rows 1 µs before it) are exercised.
+BASE = dt.datetime(2026, 11, 25, 22, tzinfo=UTC)
+TRUNCATE = """TRUNCATE public.execution_logs, analytics.user_activity, analytics.execution_metrics_hourly,
+    analytics.user_activity_hourly, analytics.credit_consumption_hourly, analytics.execution_metrics_daily,
+    analytics.execution_metrics_weekly, analytics.execution_metrics_monthly, analytics.aggregation_runs,
+    analytics.dirty_log"""
+
+
+def check_hour(conn, hour, executions, events):
+    problems = []
+    problems += ref.compare(read(conn, "execution_metrics_hourly", hour), ref.execution_hourly(executions, hour))
+    problems += ref.compare(read(conn, "user_activity_hourly", hour), ref.user_activity_hourly(events, hour))
+    problems += ref.compare(read(conn, "credit_consumption_hourly", hour), ref.credit_hourly(executions, hour))
+    return [f"{hour:%Y-%m-%dT%H}Z: {p}" for p in problems]
+
+
+def check_period(conn, table, start, end, executions):
+    got = read(conn, table, start)
+    expected = {k: {c: v for c, v in row.items() if c not in ("runtime_count", "runtime_sum")}
+                for k, row in ref.period_metrics(executions, start, end).items()}
+    return [f"{table} {start:%Y-%m-%d}: {p}" for p in ref.compare(got, expected, percentile_rel=0.01)]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(executions=execution_rows(BASE, hours=3), events=activity_events(BASE, hours=3))
+def test_every_hourly_and_daily_column_matches_brute_force(db_url, conn, executions, events):
+    conn.execute(TRUNCATE)
+    with conn.transaction():
+        insert_executions(conn, executions)
+        insert_events(conn, events)
+    # read back what PostgreSQL stored (timestamps normalised, numeric scale applied)
+    executions, events = source_rows(conn)
+    problems = []
+    for k in range(-1, 4):
+        hour = BASE + k * HOUR
+        result = hourly_rollup(hour)
+        assert result.ok, [s.error for s in result.steps]
+        problems += check_hour(conn, hour, executions, events)
+    for day in (dt.datetime(2026, 11, 25, tzinfo=UTC), dt.datetime(2026, 11, 26, tzinfo=UTC)):
+        result = daily_rollup(day)
+        assert result.ok, [s.error for s in result.steps]
+        problems += check_period(conn, "execution_metrics_daily", day, day + 24 * HOUR, executions)
+    assert not problems, "\n".join(problems[:20])
+
+
+def _heavy_rows(n, start, hours, *, workspaces, rng, prefix="r"):
+    rows = []
+    for i in range(n):
+        started = start + dt.timedelta(microseconds=rng.randrange(hours * 3600 * 10**6))
+        kind = rng.random()
+        duration = min(3600.0, max(0.001, rng.lognormvariate(0.7, 1.6)))
+        if kind < 0.01:
+            duration = None
+        elif kind < 0.015:
+            duration = rng.choice([float("nan"), float("inf"), -1.0, float("-inf")])
+        rows.append({
+            "execution_id": f"{prefix}{i}",
+            "workspace_id": rng.choice(workspaces),
+            "user_id": rng.choice([f"u{j}" for j in range(40)] + [None]),
+            "agent_id": rng.choice([f"a{j}" for j in range(12)] + [None]),
+            "status": rng.choice(["completed", "SUCCESS", "failed", "timed_out", "running", "queued", "Error"]),
+            "started_at": started,
+            "completed_at": None,
+            "duration": duration,
+            "credits_used": rng.choice([None, Decimal(rng.randrange(0, 10**8)) / 10000,
+                                        Decimal("99999999999999.9999")]),
+            "metadata": None,
+        })
+    return rows
+
+
+def _copy_executions(conn, rows):
+    cols = ("execution_id", "workspace_id", "user_id", "agent_id", "status", "started_at", "duration", "credits_used")
+    with conn.transaction(), conn.cursor().copy(
+        f"COPY public.execution_logs ({', '.join(cols)}) FROM STDIN"
+    ) as copy:
+        for r in rows:
+            copy.write_row([r[c] for c in cols])
+
+
+def test_fifty_thousand_executions_in_one_workspace_day(db_url, conn):
+    """The scale at which the earlier implementation overflowed int4 and multiplied sums."""
+    rng = random.Random(7)
+    day = dt.datetime(2026, 11, 24, tzinfo=UTC)
+    rows = _heavy_rows(50_000, day, 24, workspaces=["big"], rng=rng)
+    _copy_executions(conn, rows)
+    executions, _ = source_rows(conn)
+    result = daily_rollup(day)
+    assert result.ok and len(result.prepared) == 24  # every hour has executions
+    assert ref.period_metrics(executions, day, day + 24 * HOUR)["big"]["total_executions"] == 50_000
+    problems = check_period(conn, "execution_metrics_daily", day, day + 24 * HOUR, executions)
+    for k in range(24):
+        problems += check_hour(conn, day + k * HOUR, executions, [])
+    assert not problems, "\n".join(problems[:20])
+    # huge credit values: sums exact in numeric
+    total = conn.execute("SELECT total_credits FROM analytics.execution_metrics_daily").fetchone()[0]
+    assert total == sum((r["credits_used"] or Decimal(0)) for r in executions)
+
+
+def test_weekly_and_monthly_match_brute_force(db_url, conn):
+    rng = random.Random(11)
+    # ISO week 2026-12-28 .. 2027-01-03 spans a month and a year boundary
+    start = dt.datetime(2026, 12, 27, 20, tzinfo=UTC)
+    rows = _heavy_rows(3_000, start, 24 * 8, workspaces=["w1", "w2", None, "w3"], rng=rng)
+    _copy_executions(conn, rows)
+    executions, _ = source_rows(conn)
+    week = dt.datetime(2026, 12, 28, tzinfo=UTC)
+    assert weekly_rollup(week).ok
+    problems = check_period(conn, "execution_metrics_weekly", week, week + 7 * 24 * HOUR, executions)
+    for month, end in ((dt.datetime(2026, 12, 1, tzinfo=UTC), dt.datetime(2027, 1, 1, tzinfo=UTC)),
+                       (dt.datetime(2027, 1, 1, tzinfo=UTC), dt.datetime(2027, 2, 1, tzinfo=UTC))):
+        assert monthly_rollup(month).ok
+        problems += check_period(conn, "execution_metrics_monthly", month, end, executions)
+    assert not problems, "\n".join(problems[:20])
+
+
+def test_rerun_changes_nothing_and_deleted_sources_disappear(db_url, conn):
+    rng = random.Random(3)
+    hour = dt.datetime(2026, 11, 24, 5, tzinfo=UTC)
+    _copy_executions(conn, _heavy_rows(500, hour, 1, workspaces=["w1", "w2", "w3"], rng=rng))
+    assert hourly_rollup(hour).ok and daily_rollup(hour.replace(hour=0)).ok
+    before = snapshot(conn, with_timestamps=True)
+    again = hourly_rollup(hour)
+    assert again.ok and all(s.changed == 0 and s.removed == 0 for s in again.steps)
+    assert daily_rollup(hour.replace(hour=0)).ok
+    assert snapshot(conn, with_timestamps=True) == before  # not even updated_at moved
+
+    conn.execute("DELETE FROM public.execution_logs WHERE workspace_id = 'w2'")
+    assert hourly_rollup(hour).ok and daily_rollup(hour.replace(hour=0)).ok
+    for table in ("execution_metrics_hourly", "credit_consumption_hourly", "execution_metrics_daily"):
+        assert conn.execute(f"SELECT count(*) FROM analytics.{table} WHERE workspace_id = 'w2'").fetchone()[0] == 0
+    executions, _ = source_rows(conn)
+    assert not check_hour(conn, hour, executions, [])
+    assert not check_period(conn, "execution_metrics_daily", hour.replace(hour=0), hour.replace(hour=0) + 24 * HOUR,
+                            executions)
+
+
+@pytest.mark.parametrize("value", [0.0, 5e-324, 1e-9, 123.456, 3600.0, 1e12])
+def test_sketch_bin_of_a_single_value_is_within_half_a_percent(db_url, conn, value):
+    hour = dt.datetime(2026, 11, 24, 5, tzinfo=UTC)
+    _copy_executions(conn, [{"execution_id": "x", "workspace_id": "w", "user_id": "u", "agent_id": "a",
+                             "status": "completed", "started_at": hour, "duration": value, "credits_used": 1}])
+    assert daily_rollup(hour.replace(hour=0)).ok
+    p50, p99 = conn.execute("SELECT p50_runtime, p99_runtime FROM analytics.execution_metrics_daily").fetchone()
+    assert p50 == pytest.approx(value, rel=0.005, abs=0) and p99 == p50
