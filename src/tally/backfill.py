@@ -13,18 +13,24 @@ and months, which read only hourly rows.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from . import buckets as B
 from .buckets import Bucket
 from .db import connect
-from .errors import Unreachable
 from .queries import query
 from .rollups import RollupResult, Runner, StepResult
-from .status import OK, RUNNING, bucket_states, failed_steps, reap_abandoned
+from .status import DIRTY, OK, RUNNING, bucket_states, failed_steps, first_line, reap_abandoned
 from .steps import ROLLUP_STEPS
 
 _RANK = {r: i for i, r in enumerate(B.ROLLUPS)}
@@ -45,15 +51,10 @@ def pending_steps(conn, bucket: Bucket, force: bool = False) -> list[str]:
     if force:
         return list(ROLLUP_STEPS[bucket.rollup])
     cells = bucket_states(conn, bucket.rollup, bucket.start, bucket.end)[bucket]
+    if bucket.rollup == "hourly" and DIRTY in cells.values():
+        # the whole hour, as catch-up does: only a success of every step clears its change marks
+        return list(ROLLUP_STEPS["hourly"])
     return [step for step, state in cells.items() if state != OK]
-
-
-def run_bucket(runner: Runner, conn, bucket: Bucket, force: bool = False) -> RollupResult | None:
-    """Backfill one bucket with ``runner``; None when it was already done (and not forced)."""
-    steps = pending_steps(conn, bucket, force)
-    if not steps:
-        return None
-    return runner.run(bucket, steps)
 
 
 @dataclass
@@ -77,6 +78,13 @@ class Report:
     def seconds(self) -> float:
         return (self.finished or time.monotonic()) - self.started
 
+    def record(self, bucket: Bucket, sr: StepResult) -> None:
+        """Count one step that ran (called after its commit or rollback and its ledger row)."""
+        self.steps += 1
+        self.rows += sr.rows or 0
+        if sr.status == "failed":
+            self.failed.append((str(bucket), sr.step, sr.error or ""))
+
     def as_dict(self) -> dict:
         return dict(total=self.total, done=self.done, ran=self.ran, skipped=self.skipped, steps=self.steps,
                     failed=[dict(bucket=b, step=s, error=e) for b, s, e in self.failed], rows=self.rows,
@@ -87,12 +95,11 @@ class Backfill:
     """One backfill of a range, in this process or through the queue."""
 
     def __init__(self, url: str, start: dt.datetime, end: dt.datetime, rollups: list[str], *, force: bool = False,
-                 trigger: str = "backfill", on_update: Callable[[Report], None] | None = None):
+                 on_update: Callable[[Report], None] | None = None):
         self.url = url
         self.start, self.end = start, end
         self.rollups = rollups
         self.force = force
-        self.trigger = trigger
         self.on_update = on_update or (lambda report: None)
         self.report = Report()
         self._stop = False
@@ -101,16 +108,10 @@ class Backfill:
         """Stop after the step that is running now."""
         self._stop = True
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop
-
     def _on_step(self, bucket: Bucket, sr: StepResult) -> None:
-        # called after the step committed (or rolled back) and its ledger row was written
-        self.report.steps += 1
-        self.report.rows += sr.rows or 0
-        if sr.status == "failed":
-            self.report.failed.append((str(bucket), sr.step, sr.error or ""))
+        # the Runner calls this after the step's commit (or rollback) and its ledger row:
+        # raising here stops between two steps, with nothing half done
+        self.report.record(bucket, sr)
         self.on_update(self.report)
         if self._stop:
             raise Stopped
@@ -121,7 +122,7 @@ class Backfill:
         work = plan(self.start, self.end, self.rollups)
         self.report.total = len(work)
         with connect(self.url, autocommit=True) as conn, \
-                Runner(self.url, trigger=self.trigger, on_step=self._on_step) as runner:
+                Runner(self.url, trigger="backfill", on_step=self._on_step) as runner:
             reap_abandoned(conn)
             try:
                 for bucket in work:
@@ -129,12 +130,13 @@ class Backfill:
                         raise Stopped
                     self.report.current = str(bucket)
                     self.on_update(self.report)
-                    result = run_bucket(runner, conn, bucket, self.force)
-                    self.report.done += 1
-                    if result is None:
-                        self.report.skipped += 1
-                    else:
+                    steps = pending_steps(conn, bucket, self.force)  # a period: after its hours ran
+                    if steps:
+                        runner.run(bucket, steps)
                         self.report.ran += 1
+                    else:
+                        self.report.skipped += 1
+                    self.report.done += 1
                     self.on_update(self.report)
             except Stopped:
                 self.report.stopped = True
@@ -142,14 +144,16 @@ class Backfill:
         return self.report
 
     # -- through the queue -----------------------------------------------------------------
-    def run_queued(self, app, poll: float = 0.5) -> Report:
+    def run_queued(self, poll: float = 0.5) -> Report:
         """Send one ``tally.backfill_bucket`` task per bucket that needs work; wait for the workers.
 
         Hours go first; days, weeks and months (built from hourly rows only) are sent once
         every queued hour has a finished ledger row, so no worker re-does an hour another
         worker is running.
         """
-        _check_broker(app)
+        from .tasks import app, check_broker
+
+        check_broker()
         phases = [[r for r in self.rollups if r == "hourly"], [r for r in self.rollups if r != "hourly"]]
         self.report.total = len(plan(self.start, self.end, self.rollups))
         with connect(self.url, autocommit=True) as conn:
@@ -160,27 +164,32 @@ class Backfill:
                 marker = conn.execute(query("ops_ledger_marker")).fetchone()[0]
                 wanted: dict[Bucket, list[str]] = {}
                 for rollup in rollups:
-                    for bucket, cells in bucket_states(conn, rollup, self.start, self.end).items():
-                        steps = [s for s, state in cells.items() if self.force or state != OK]
+                    for bucket in B.within(rollup, self.start, self.end):
+                        steps = pending_steps(conn, bucket, self.force)
                         if steps:
                             wanted[bucket] = steps
                         else:
                             self.report.skipped += 1
                             self.report.done += 1
+                sent = {}
                 for bucket in sorted(wanted, key=lambda b: (b.end, _RANK[b.rollup])):
-                    app.send_task("tally.backfill_bucket", args=[bucket.rollup, bucket.label],
-                                  kwargs={"force": self.force})
+                    sent[bucket] = app.send_task("tally.backfill_bucket", args=[bucket.rollup, bucket.label],
+                                                 kwargs={"force": self.force})
                     self.report.queued += 1
                 self.on_update(self.report)
-                self._wait(conn, rollups, wanted, marker, poll)
+                self._wait(conn, rollups, wanted, sent, marker, poll)
         self.report.finished = time.monotonic()
         return self.report
 
-    def _wait(self, conn, rollups: list[str], wanted: dict[Bucket, list[str]], marker: int, poll: float) -> None:
-        """Until every wanted step has an attempt after ``marker`` that is no longer running."""
+    def _wait(self, conn, rollups: list[str], wanted: dict[Bucket, list[str]], sent: dict, marker: int,
+              poll: float) -> None:
+        """Until every wanted step has an attempt after ``marker`` that is no longer running
+        (or its task failed for good before it could write one)."""
         waiting = dict(wanted)
         rows_before = self.report.rows
+        polls = 0
         while waiting:
+            polls += 1
             if self._stop:
                 self.report.stopped = True
                 return
@@ -197,18 +206,26 @@ class Backfill:
                     self.report.ran += 1
                     self.report.done += 1
                     del waiting[bucket]
-            self.report.current = f"waiting for workers: {len(waiting)} bucket(s)" if waiting else ""
+                # every 20 polls (~10 s), ask the result backend for tasks that died without a ledger row
+                elif polls % 20 == 0 and (lost := _final_failure(sent.get(bucket))) is not None:
+                    self.report.failed.append((str(bucket), "(task)", lost))
+                    self.report.done += 1
+                    del waiting[bucket]
+            self.report.current = (f"waiting for the workers (`tally worker`): {len(waiting)} bucket(s)"
+                                   if waiting else "")
             self.on_update(self.report)
             if waiting:
                 time.sleep(poll)
 
 
-def _check_broker(app) -> None:
+def _final_failure(result) -> str | None:
+    """The error of a task that failed for good (no result backend: unknown, None)."""
     try:
-        with app.connection_for_write() as c:
-            c.ensure_connection(max_retries=1, timeout=5)
-    except Exception as exc:  # kombu raises OperationalError and friends
-        raise Unreachable(f"cannot reach the broker {app.conf.broker_url!r}: {exc}") from None
+        if result is not None and result.state in ("FAILURE", "REVOKED"):
+            return f"task {result.id} {result.state.lower()}: {result.result!r}"
+    except Exception:  # no result backend, or it is unreachable: the ledger alone decides
+        return None
+    return None
 
 
 def retry_failed(url: str, since: dt.datetime | None = None,
@@ -219,10 +236,7 @@ def retry_failed(url: str, since: dt.datetime | None = None,
     results: list[RollupResult] = []
 
     def on_step(bucket: Bucket, sr: StepResult) -> None:
-        report.steps += 1
-        report.rows += sr.rows or 0
-        if sr.status == "failed":
-            report.failed.append((str(bucket), sr.step, sr.error or ""))
+        report.record(bucket, sr)
         on_update(report)
 
     with connect(url, autocommit=True) as conn, Runner(url, trigger="retry", on_step=on_step) as runner:
@@ -243,3 +257,83 @@ def retry_failed(url: str, since: dt.datetime | None = None,
             on_update(report)
     report.finished = time.monotonic()
     return report, results
+
+
+# ---- on a terminal ----------------------------------------------------------------------------
+
+class _Rates(ProgressColumn):
+    """Output rows and buckets per second since the start."""
+
+    def render(self, task) -> Text:
+        report: Report | None = task.fields.get("report")
+        if report is None or report.seconds <= 0:
+            return Text("")
+        return Text(f"{report.rows / report.seconds:,.0f} rows/s · {report.ran / report.seconds:.1f} buckets/s",
+                    style="progress.data.speed")
+
+
+class ProgressView:
+    """A Rich progress bar fed with :class:`Report` updates: buckets done, rates, ETA."""
+
+    def __init__(self, console: Console, title: str):
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("buckets"), _Rates(), TimeRemainingColumn(), console=console,
+                                 transient=True, disable=not console.is_terminal)
+        self.task = self.progress.add_task(title, total=None, report=None)
+
+    def __enter__(self) -> "ProgressView":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def update(self, report: Report) -> None:
+        self.progress.update(self.task, total=report.total or None, completed=report.done, report=report,
+                             description=report.current or "")
+
+
+@contextlib.contextmanager
+def stop_on_signals(job: Backfill, console: Console) -> Iterator[None]:
+    """Ctrl-C (or SIGTERM) once: stop after the current step. Ctrl-C twice: stop now (rolled back)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first(signum, frame) -> None:
+        job.stop()
+        console.print("[yellow]stopping after the current step[/] (Ctrl-C again to stop at once; "
+                      "that step is then rolled back)")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in saved:
+        signal.signal(s, first)
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def print_report(console: Console, report: Report, what: str) -> None:
+    """The one-paragraph outcome of a backfill or retry."""
+    secs = max(report.seconds, 1e-9)
+    line = (f"{what}: {report.done} of {report.total} bucket(s) done: {report.ran} ran, "
+            f"{report.skipped} already done; {report.steps} step(s), {len(report.failed)} failed; "
+            f"{report.rows:,} rows in {report.seconds:.1f}s "
+            f"({report.rows / secs:,.0f} rows/s, {report.ran / secs:.1f} buckets/s)")
+    if report.queued:
+        line += f"; {report.queued} task(s) queued"
+    console.print(line)
+    for bucket, step, error in report.failed[:20]:
+        console.print(f"  [bold red]failed[/] {bucket} {step}: {first_line(error)}")
+    if len(report.failed) > 20:
+        console.print(f"  … and {len(report.failed) - 20} more: `tally runs --failed`")
+    if report.failed:
+        console.print("  re-run them with `tally retry-failed`")
+    if report.stopped and report.queued:
+        console.print("[yellow]stopped waiting[/]: the tasks sent stay queued; run the same command again "
+                      "to send the rest")
+    elif report.stopped:
+        console.print("[yellow]stopped[/]: what finished is committed; run the same command again to continue")

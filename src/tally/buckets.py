@@ -34,9 +34,9 @@ class Bucket:
     @property
     def label(self) -> str:
         if self.rollup == "hourly":
-            return self.start.strftime("%Y-%m-%dT%H:00Z")
+            return f"{self.start.year:04d}-{self.start:%m-%dT%H}:00Z"  # %Y drops the padding before 1000
         if self.rollup == "monthly":
-            return self.start.strftime("%Y-%m")
+            return f"{self.start.year:04d}-{self.start:%m}"
         return self.start.date().isoformat()
 
     def __str__(self) -> str:
@@ -60,6 +60,15 @@ def floor(rollup: str, t: dt.datetime) -> dt.datetime:
 
 def advance(rollup: str, start: dt.datetime) -> dt.datetime:
     """Start of the bucket after the one starting at ``start``."""
+    try:
+        return _advance(rollup, start)
+    except (OverflowError, ValueError) as exc:  # past 9999-12-31: Python's datetime ends there
+        if isinstance(exc, InvalidInput):
+            raise
+        raise InvalidInput(f"the {KIND.get(rollup, rollup)} after {start.isoformat()} is out of range") from None
+
+
+def _advance(rollup: str, start: dt.datetime) -> dt.datetime:
     if rollup == "hourly":
         return start + dt.timedelta(hours=1)
     if rollup == "daily":
@@ -126,7 +135,7 @@ def parse_time(text: str, what: str = "time") -> dt.datetime:
     except (OverflowError, ValueError):
         raise InvalidInput(f"invalid {what} {text!r}: out of range") from None
     if value.minute or value.second or value.microsecond:
-        raise InvalidInput(f"invalid {what} {text!r}: not on the hour (use {value.strftime('%Y-%m-%dT%H:00Z')})")
+        raise InvalidInput(f"invalid {what} {text!r}: not on the hour (use {value.year:04d}-{value:%m-%dT%H}:00Z)")
     if not (1 <= value.year <= 9998):
         raise InvalidInput(f"invalid {what} {text!r}: year out of range")
     return value

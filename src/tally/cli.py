@@ -89,6 +89,7 @@ def db_current() -> None:
 def db_stop() -> None:
     """Stop the embedded PostgreSQL, if one is running."""
     from .config import settings
+    from .db import redact  # noqa: F401  (installs tally's warning filters before pgserver loads)
 
     pgdata = settings().home / "pg"
     if not (pgdata / "postmaster.pid").exists():
@@ -99,6 +100,26 @@ def db_stop() -> None:
     server = pgserver.get_server(pgdata, cleanup_mode="stop")
     server.cleanup()
     out.print(f"stopped the embedded PostgreSQL in {pgdata}")
+
+
+@db_app.command("roles")
+def db_roles(worker: str = typer.Option("tally_worker", help="Role the workers and CLI run as (created NOLOGIN if absent)."),
+             dashboard: str = typer.Option("tally_dashboard", help="Read-only role for dashboards (created NOLOGIN if absent)."),
+             dry_run: bool = typer.Option(False, "--dry-run", help="Print the SQL; connect to nothing, change nothing.")) -> None:
+    """Least-privilege roles: a worker (reads the source, writes only tally's analytics tables) and a read-only dashboard.
+
+    Run as the owner of tally's tables (who ran `tally db upgrade`), again after every upgrade.
+    Log in as members: CREATE ROLE alice LOGIN PASSWORD '…' IN ROLE tally_worker. See docs/SECURITY.md.
+    """
+    from . import roles
+
+    plan = roles.plan(worker, dashboard)  # bad names are invalid input, before any connection
+    if dry_run:
+        sys.stdout.write(roles.render(plan) + "\n")
+        return
+    url = say_database()
+    for line in roles.apply(url, plan):
+        out.print(line, markup=False)
 
 
 # ---- seed --------------------------------------------------------------------------------
@@ -262,37 +283,168 @@ def catch_up(as_json: bool = typer.Option(False, "--json", help="Print the resul
         raise typer.Exit(1)
 
 
-# ---- the ledger --------------------------------------------------------------------------
+# ---- operations: backfill, retry-failed, status, runs, verify (logic in backfill.py, status.py, verify.py)
+
+def _range(from_: str, to: str) -> tuple[dt.datetime, dt.datetime]:
+    from .config import settings
+
+    return B.parse_range(from_, to, settings().max_range_days)
+
+
+@app.command()
+def backfill(
+    from_: str = typer.Option(..., "--from", help="First hour of the range (ISO 8601, on the hour)."),
+    to: str = typer.Option(..., "--to", help="End of the range, exclusive (on the hour)."),
+    rollups: str = typer.Option("hourly,daily,weekly,monthly", help="Rollups to run, comma-separated."),
+    force: bool = typer.Option(False, "--force", help="Also re-run buckets that are already done."),
+    queue: bool = typer.Option(False, "--queue", help="One tally.backfill_bucket task per bucket, for the workers."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Every whole bucket of a range, hours before the days that contain them; resumable.
+
+    A bucket whose steps all succeeded (and whose source has not changed) is skipped
+    unless --force. Ctrl-C stops after the current step; run the command again to continue.
+    """
+    from . import backfill as bf
+
+    start, end = _range(from_, to)
+    names = B.parse_rollups(rollups)
+    url = say_database()
+    job = bf.Backfill(url, start, end, names, force=force)
+    with bf.ProgressView(err, "backfill") as view, bf.stop_on_signals(job, err):
+        job.on_update = view.update
+        report = job.run_queued() if queue else job.run()
+    bf.print_report(err if as_json else out, report, f"backfill {start:%Y-%m-%dT%H:00Z} .. {end:%Y-%m-%dT%H:00Z}")
+    if as_json:
+        _emit_json(report.as_dict())
+    if report.stopped:
+        raise typer.Exit(130)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("retry-failed")
+def retry_failed(
+    since: Optional[str] = typer.Option(None, "--since", help="Only buckets starting at or after this hour."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be retried; run nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Re-run every step whose latest attempt failed (trigger 'retry'), hours first."""
+    from . import backfill as bf
+    from . import status as st
+    from .db import connection
+
+    start = B.parse_time(since, "--since") if since is not None else None
+    url = say_database()
+    if dry_run:
+        with connection(url, autocommit=True) as conn:
+            st.reap_abandoned(conn)
+            todo = st.failed_steps(conn, start)
+        if as_json:
+            _emit_json([dict(rollup=b.rollup, bucket=b.label, steps=steps) for b, steps in todo.items()])
+        else:
+            for b, steps in todo.items():
+                out.print(f"{b}: {', '.join(steps)}")
+            out.print(f"{sum(len(s) for s in todo.values())} failed step(s) in {len(todo)} bucket(s) would be retried")
+        return
+    with bf.ProgressView(err, "retry") as view:
+        report, results = bf.retry_failed(url, start, on_update=view.update)
+    if as_json:
+        _emit_json([r.as_dict() for r in results])
+    else:
+        for result in results:
+            print_rollup(result)
+    if report.total:
+        bf.print_report(err if as_json else out, report, "retry-failed")
+    else:
+        (err if as_json else out).print("retry-failed: nothing to retry (no step's latest attempt failed)")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    from_: Optional[str] = typer.Option(None, "--from", help="Start (on the hour). Default: TALLY_CATCHUP_DAYS days before today."),
+    to: Optional[str] = typer.Option(None, "--to", help="End, exclusive (on the hour). Default: the current hour."),
+    rollups: str = typer.Option("hourly,daily,weekly,monthly", help="Rollups to show, comma-separated."),
+    by: str = typer.Option("auto", help="auto (days beyond 48 hours), hour or day."),
+    as_json: bool = typer.Option(False, "--json", help="Print every bucket's states as JSON."),
+) -> None:
+    """A grid of buckets x steps: ok, failed, dirty, missing, running; a legend and a summary."""
+    from . import status as st
+    from .config import settings
+    from .db import connection
+
+    now = B.floor("hourly", dt.datetime.now(B.UTC))
+    if to is None:
+        to = f"{now:%Y-%m-%dT%H:00Z}"
+    if from_ is None:
+        to_day = B.floor("daily", B.parse_time(to, "--to"))
+        year_one = dt.datetime(1, 1, 1, tzinfo=B.UTC)  # no default before it (timedelta would overflow)
+        default = to_day - dt.timedelta(days=min(settings().catchup_days, (to_day - year_one).days))
+        from_ = f"{default.year:04d}-{default:%m-%dT%H}:00Z"  # %Y drops the padding before 1000
+    start, end = _range(from_, to)
+    names = B.parse_rollups(rollups)
+    if by not in ("auto", "hour", "day"):
+        raise InvalidInput(f"invalid --by {by!r}: expected auto, hour or day")
+    url = say_database()
+    with connection(url, autocommit=True) as conn:
+        grid = st.grid(conn, start, end, names)
+    if as_json:
+        _emit_json(grid.as_dict())
+        return
+    st.render(out, grid, by)
+
 
 @app.command()
 def runs(failed: bool = typer.Option(False, "--failed", help="Only failed attempts."),
          limit: int = typer.Option(50, min=1, max=100000, help="How many rows."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """The run ledger, newest first."""
+    """The run ledger, newest first: duration, rows, attempt, trigger, the error's first line."""
+    from . import status as st
     from .db import connection
-    from .queries import query
 
     url = say_database()
     with connection(url, autocommit=True) as conn:
-        cur = conn.execute(query("ledger_recent"), dict(failed=failed, limit=limit))
-        cols = [c.name for c in cur.description]
-        rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+        st.reap_abandoned(conn)
+        rows = st.recent_runs(conn, failed=failed, limit=limit)
     if as_json:
         _emit_json(rows)
         return
-    table = Table(title=f"ledger, newest first ({len(rows)} rows)", title_justify="left")
-    for col in ("id", "started", "rollup", "step", "bucket", "status", "seconds", "rows", "attempt", "trigger", "error"):
-        table.add_column(col, justify="right" if col in ("id", "seconds", "rows", "attempt") else "left")
-    colors = {"succeeded": "green", "failed": "red", "skipped": "yellow", "running": "cyan"}
-    for r in rows:
-        table.add_row(
-            str(r["id"]), f"{r['started_at']:%Y-%m-%d %H:%M:%S}", r["rollup"], r["step"], r["bucket"],
-            f"[{colors.get(r['status'], 'white')}]{r['status']}[/]",
-            "" if r["seconds"] is None else f"{r['seconds']:.3f}",
-            "" if r["rows_written"] is None else f"{r['rows_written']:,}",
-            str(r["attempt"]), r["trigger"], (r["error"] or "").splitlines()[0][:100] if r["error"] else "",
-        )
-    out.print(table)
+    st.render_runs(out, rows)
+
+
+@app.command()
+def verify(
+    from_: str = typer.Option(..., "--from", help="Start (on the hour)."),
+    to: str = typer.Option(..., "--to", help="End, exclusive (on the hour)."),
+    limit: int = typer.Option(200, min=1, help="Most drift lines to print (--json lists all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Recompute every output row of the range from the source; list drifted rows; exit 1 on drift.
+
+    Hourly tables for every hour of the range; daily, weekly and monthly rows for the
+    periods lying wholly inside it. Reads only; writes nothing.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from . import verify as vf
+    from .db import connection
+
+    start, end = _range(from_, to)
+    url = say_database()
+    with connection(url, autocommit=True) as conn, Progress(
+            TextColumn("verify"), BarColumn(), MofNCompleteColumn(), console=err, transient=True,
+            disable=not err.is_terminal) as progress:
+        task = progress.add_task("verify", total=None)
+        conn.execute("SET TIME ZONE 'UTC'")
+        report = vf.verify(conn, start, end, on_chunk=lambda done, total: progress.update(task, completed=done, total=total))
+    if as_json:
+        _emit_json(report.as_dict())
+    else:
+        vf.render(out, report, limit)
+    if not report.clean:
+        raise typer.Exit(1)
 
 
 # ---- Celery: worker, beat, flower (logic in tasks.py) --------------------------------------
@@ -300,11 +452,15 @@ def runs(failed: bool = typer.Option(False, "--failed", help="Only failed attemp
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
-def _celery(loglevel: str):
+def _celery(loglevel: str, *, database: bool):
     from . import tasks
+    from .db import redact
 
-    say_database()
-    err.print(f"tally: broker: {tasks._redact(tasks.app.conf.broker_url)}")
+    if loglevel.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise InvalidInput(f"invalid --loglevel {loglevel!r}: expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    if database:  # beat and flower only talk to the broker
+        say_database()
+    err.print(f"tally: broker: {redact(tasks.app.conf.broker_url)}")
     logging.getLogger("tally").setLevel(loglevel.upper())
     return tasks
 
@@ -315,14 +471,14 @@ def worker(ctx: typer.Context,
                                                      help="Worker processes (default: one per CPU)."),
            loglevel: str = typer.Option("INFO", help="Log level.")) -> None:
     """The Celery worker: runs the rollup tasks. Other options go to `celery worker`."""
-    tasks = _celery(loglevel)
+    tasks = _celery(loglevel, database=True)
     raise typer.Exit(tasks.run_worker(ctx.args, concurrency=concurrency, loglevel=loglevel))
 
 
 @app.command(context_settings=_PASS_THROUGH)
 def beat(ctx: typer.Context, loglevel: str = typer.Option("INFO", help="Log level.")) -> None:
     """The Celery scheduler: sends tally.catch_up every hour at minute 5."""
-    tasks = _celery(loglevel)
+    tasks = _celery(loglevel, database=False)
     raise typer.Exit(tasks.run_beat(ctx.args, loglevel=loglevel))
 
 
@@ -334,7 +490,7 @@ def flower(ctx: typer.Context,
     from . import tasks
 
     auth = tasks.flower_auth(address)  # refuses an unprotected public bind before anything starts
-    _celery("INFO")
+    _celery("INFO", database=False)
     raise typer.Exit(tasks.run_flower(ctx.args, address=address, port=port, auth=auth))
 
 
@@ -356,6 +512,11 @@ def demo(hours: int = typer.Option(48, help="Hours of synthetic data ending at t
 
 # ---- entry point -------------------------------------------------------------------------
 
+def _fail(message: str) -> None:
+    """An error as exactly one line on stderr: never wrapped, embedded line breaks flattened."""
+    err.print(" ".join(line.strip() for line in message.splitlines() if line.strip()), markup=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every error is one line on stderr and a SPEC exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -369,10 +530,10 @@ def main(argv: list[str] | None = None) -> int:
         err.print("tally: interrupted")
         code = 130
     except _ClickException as exc:  # usage errors: unknown command, bad option value
-        err.print(f"tally: error: {exc.format_message()}", markup=False)
+        _fail(f"tally: error: {exc.format_message()}")
         code = 2
     except TallyError as exc:
-        err.print(f"tally: error: {exc}", markup=False)
+        _fail(f"tally: error: {exc}")
         code = exc.exit_code
     except KeyboardInterrupt:
         err.print("tally: interrupted")
@@ -387,10 +548,10 @@ def main(argv: list[str] | None = None) -> int:
         url = settings().database_url
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if isinstance(exc, psycopg.OperationalError):
-            err.print(f"tally: error: lost the database {redact(url) if url else '(embedded)'}: {scrub(first, url)}", markup=False)
+            _fail(f"tally: error: lost the database {redact(url) if url else '(embedded)'}: {scrub(first, url)}")
             code = 3
         else:
-            err.print(f"tally: error: database error: {type(exc).__name__}: {scrub(first, url)}", markup=False)
+            _fail(f"tally: error: database error: {type(exc).__name__}: {scrub(first, url)}")
             code = 1
     return _exit(code)
 

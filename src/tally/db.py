@@ -9,12 +9,16 @@ from __future__ import annotations
 import contextlib
 import re
 import urllib.parse
+import warnings
 from typing import Iterator
 
 import psycopg
 
 from .config import settings
 from .errors import Unreachable
+
+# platformdirs (used by pgserver) warns when XDG_RUNTIME_DIR is unset (containers, CI); its fallback is fine
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
 _PASSWORD_KV = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
 

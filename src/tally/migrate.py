@@ -1,20 +1,25 @@
 """Schema migrations (Alembic), run on tally's own connection."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.util import CommandError
 from sqlalchemy import create_engine, pool
 from sqlalchemy.exc import OperationalError
 
 from .db import database_url, redact, scrub, sqlalchemy_url
-from .errors import Unreachable
+from .errors import InvalidInput, Unreachable
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+_REVISION = re.compile(r"[A-Za-z0-9_@+.-]{1,64}")  # head, base, 0002, -1, branch@head
 
 
 def _run(action, url: str | None, target: str) -> None:
+    if not _REVISION.fullmatch(target or ""):
+        raise InvalidInput(f"invalid revision {target!r}: expected head, base, a revision id or a relative step like -1")
     url = url or database_url()
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
@@ -26,6 +31,8 @@ def _run(action, url: str | None, target: str) -> None:
     except OperationalError as exc:
         first = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
         raise Unreachable(f"cannot reach {redact(url)}: {scrub(first, url)}") from None
+    except CommandError as exc:  # an unknown or ambiguous revision: the user's input, not a crash
+        raise InvalidInput(f"invalid revision {target!r}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}") from None
     finally:
         engine.dispose()
 

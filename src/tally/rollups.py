@@ -96,6 +96,23 @@ def describe_error(exc: BaseException, url: str | None = None) -> str:
     return scrub(f"{type(exc).__name__}: {text}", url)[:2000]
 
 
+# Planner settings per step, SET LOCAL in the step's own transaction (docs/PERFORMANCE.md).
+# Every step: no JIT (compiling costs more than these statements run) and hash tables that fit
+# in memory. user_activity: a bitmap scan of the hour; events are stored session by session,
+# so an index scan in time order visits one heap page per event (30x the pages at 4 M a day),
+# and the planner, seeing a time-ordered table, prefers it. A value None restores the session's
+# own (atomic mode runs several steps in one transaction).
+STEP_SETTINGS: dict[str, dict[str, str | None]] = {
+    "*": {"jit": "off", "work_mem": "64MB", "enable_indexscan": None, "enable_seqscan": None},
+    "user_activity": {"work_mem": "256MB", "enable_indexscan": "off", "enable_seqscan": "off"},
+}
+
+
+def step_settings(step: Step) -> dict[str, str | None]:
+    """The planner settings ``step`` runs with (see STEP_SETTINGS)."""
+    return {**STEP_SETTINGS["*"], **STEP_SETTINGS.get(step.name, {})}
+
+
 def _statement_timeout(step: Step) -> float:
     raw = os.environ.get(f"TALLY_STATEMENT_TIMEOUT_{step.name.upper()}")
     if raw:
@@ -164,6 +181,10 @@ class Runner:
         timeout = _statement_timeout(step)
         if timeout > 0:
             conn.execute("SELECT set_config('statement_timeout', %s, true)", [f"{int(timeout * 1000)}ms"])
+        tuning = step_settings(step)
+        conn.execute("SELECT set_config(s.name, coalesce(s.value, p.reset_val), true) "
+                     "FROM unnest(%s::text[], %s::text[]) AS s(name, value) JOIN pg_settings p USING (name)",
+                     [list(tuning), list(tuning.values())])
         params = dict(start=bucket.start, end=bucket.end, bucket=bucket.start.date(),
                       ln_gamma=LN_GAMMA, ln_half_width=LN_HALF_WIDTH)
         rows, changed, removed = conn.execute(step.statement(), params).fetchone()

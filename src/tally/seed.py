@@ -146,16 +146,16 @@ def seed(
     end = start + timedelta(hours=hours)
     world = _World(seed, workspaces)
     writer = _Writer(conn)
-    # "YYYY-MM-DD HH:" of every hour of the window, for fast timestamp text
-    prefixes = [(start + timedelta(hours=h)).strftime("%Y-%m-%d %H:")
-                for h in range(hours)]
+    # "YYYY-MM-DD HH:" of every hour of the window, for fast timestamp text (strftime's %Y
+    # drops the zero padding of years before 1000, which PostgreSQL then misreads)
+    prefixes = [f"{t.year:04d}-{t:%m-%d %H}:" for t in (start + timedelta(hours=h) for h in range(hours))]
     end_us = hours * _HOUR_US
     try:
         writer.begin()
         done = 0
         for h in range(hours):
             hour_dt = start + timedelta(hours=h)
-            tag = hour_dt.strftime("%Y%m%d%H")
+            tag = f"{hour_dt.year:04d}{hour_dt:%m%d%H}"
             if executions_per_hour:
                 _gen_executions(world, writer, seed, tag, h, prefixes[h],
                                 executions_per_hour)

@@ -6,9 +6,11 @@ bucket is one of
 
 - ``ok``      its latest attempt succeeded and nothing changed since;
 - ``failed``  its latest attempt failed (a dead process's attempt counts as failed);
-- ``dirty``   it succeeded, but its source changed since: for an hour, the hour has
-              marks in the change log; for a day, week or month, one of its hours is
-              dirty or was re-aggregated after the period's latest success started;
+- ``dirty``   it succeeded, but its source changed since: for an hour, the change log
+              (analytics.dirty_log) holds a mark of the step's source table that the
+              success did not read (unclaimed, or claimed after the success started); for
+              a day, week or month, one of its hours' execution inputs is dirty, or was
+              aggregated again after the period's latest success started;
 - ``missing`` it was never attempted;
 - ``running`` its latest attempt is running now.
 
@@ -18,6 +20,7 @@ this; backfill, retry and catch-up ask it.
 """
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 from collections import Counter
 from dataclasses import dataclass
@@ -30,18 +33,18 @@ from rich.text import Text
 from . import buckets as B
 from .buckets import Bucket
 from .queries import query
-from .steps import PERIOD_INPUTS, ROLLUP_STEPS
+from .steps import PERIOD_INPUTS, ROLLUP_STEPS, STEPS
 
 OK, FAILED, DIRTY, MISSING, RUNNING = "ok", "failed", "dirty", "missing", "running"
 STATES = (OK, FAILED, DIRTY, MISSING, RUNNING)
 COLORS = {OK: "green", FAILED: "bold red", DIRTY: "yellow", MISSING: "bright_black", RUNNING: "cyan"}
 GLYPHS = {OK: "■", FAILED: "✗", DIRTY: "~", MISSING: "·", RUNNING: "▸"}
 MEANING = {
-    OK: "succeeded, up to date",
+    OK: "up to date",
     FAILED: "latest attempt failed",
-    DIRTY: "source changed since it succeeded",
+    DIRTY: "source changed since",
     MISSING: "never run",
-    RUNNING: "running now",
+    RUNNING: "in progress",
 }
 FOLD_HOURS = 48  # longer ranges show one row per day, one mark per hour
 
@@ -60,21 +63,31 @@ def bucket_states(conn: psycopg.Connection, rollup: str, start: dt.datetime,
     lo, hi = buckets[0].start, buckets[-1].end
     latest = {(r[0], r[1]): (r[2], r[3])
               for r in conn.execute(query("ops_latest"), dict(rollup=rollup, start=lo, end=hi))}
-    marks = conn.execute(query("ops_dirty_hours"), dict(start=lo, end=hi)).fetchall()
-    if rollup == "hourly":
-        dirty = {hour for hour, _ in marks}
-        refreshed: dict[dt.datetime, dt.datetime] = {}
-    else:
-        # a period reads the execution tables only: a change of user activity leaves it current
-        dirty = {hour for hour, source in marks if source == "execution_logs"}
-        refreshed = dict(conn.execute(query("ops_inputs_refreshed"),
-                                      dict(start=lo, end=hi, steps=list(PERIOD_INPUTS))).fetchall())
+    marks = {(r[0], r[1]): (r[2], r[3]) for r in conn.execute(query("ops_dirty_hours"), dict(start=lo, end=hi))}
 
-    def stale(bucket: Bucket, succeeded_at: dt.datetime) -> bool:
-        if rollup == "hourly":
-            return bucket.start in dirty
-        return (any(bucket.start <= h < bucket.end for h in dirty)
-                or any(bucket.start <= h < bucket.end and t > succeeded_at for h, t in refreshed.items()))
+    def changed_after(hour: dt.datetime, source: str, read_at: dt.datetime | None) -> bool:
+        """The source rows of ``hour`` changed after a step that started at ``read_at`` read them."""
+        mark = marks.get((hour, source))
+        return mark is not None and (read_at is None or mark[0] or mark[1] > read_at)
+
+    if rollup == "hourly":
+        def stale(bucket: Bucket, step: str, succeeded_at: dt.datetime) -> bool:
+            return changed_after(bucket.start, STEPS[step].source, succeeded_at)
+    else:
+        # a period is stale when one of its hours' inputs was aggregated again after the period
+        # started its latest success, or changed in the source since it was last aggregated
+        inputs = {(r[0], r[1]): (r[2], r[3]) for r in conn.execute(
+            query("ops_inputs_refreshed"), dict(start=lo, end=hi, steps=list(PERIOD_INPUTS)))}
+        hours = sorted({h for h, _ in inputs} | {h for h, source in marks if source == "execution_logs"})
+
+        def stale(bucket: Bucket, step: str, succeeded_at: dt.datetime) -> bool:
+            for hour in hours[bisect.bisect_left(hours, bucket.start):bisect.bisect_left(hours, bucket.end)]:
+                for name in PERIOD_INPUTS:
+                    started, finished = inputs.get((hour, name), (None, None))
+                    if (finished is not None and finished > succeeded_at) or \
+                            changed_after(hour, STEPS[name].source, started):
+                        return True
+            return False
 
     states: dict[Bucket, dict[str, str]] = {}
     for bucket in buckets:
@@ -88,7 +101,7 @@ def bucket_states(conn: psycopg.Connection, rollup: str, start: dt.datetime,
             elif status == "failed":
                 cells[step] = FAILED
             else:
-                cells[step] = DIRTY if stale(bucket, started_at) else OK
+                cells[step] = DIRTY if stale(bucket, step, started_at) else OK
         states[bucket] = cells
     return states
 
@@ -131,15 +144,16 @@ def _word(state: str) -> Text:
 
 def _legend() -> Text:
     text = Text()
-    for s in STATES:
+    for i, s in enumerate(STATES):
         text.append(f"{GLYPHS[s]} {s}", style=COLORS[s])
-        text.append(f" {MEANING[s]}   ")
+        text.append(f" = {MEANING[s]}" + ("  ·  " if i < len(STATES) - 1 else ""))
     return text
 
 
 def _summary_line(g: Grid) -> Text:
     counts = g.summary()
-    sizes = ", ".join(f"{len(rows)} {B.KIND[r]}{'s' if len(rows) != 1 else ''}" for r, rows in g.states.items())
+    sizes = ", ".join(f"{len(rows)} {B.KIND[r]}{'s' if len(rows) != 1 else ''}"
+                      for r, rows in g.states.items() if rows) or "no whole bucket"
     text = Text(f"{g.start:%Y-%m-%dT%H:00Z} .. {g.end:%Y-%m-%dT%H:00Z}: {sizes}; steps: ")
     for i, s in enumerate(STATES):
         text.append(f"{counts[s]} {s}", style=COLORS[s] if counts[s] else None)
@@ -223,13 +237,13 @@ def recent_runs(conn: psycopg.Connection, *, failed: bool = False, limit: int = 
 
 def render_runs(console: Console, rows: list[dict]) -> None:
     table = Table(title=f"ledger, newest first ({len(rows)} rows)", title_justify="left")
-    for col in ("id", "started", "rollup", "step", "bucket", "status", "seconds", "rows", "attempt", "trigger",
-                "error"):
-        table.add_column(col, justify="right" if col in ("id", "seconds", "rows", "attempt") else "left")
+    for col in ("id", "started", "rollup", "step", "bucket", "status", "seconds", "rows", "attempt", "trigger"):
+        table.add_column(col, justify="right" if col in ("id", "seconds", "rows", "attempt") else "left", no_wrap=True)
+    table.add_column("error", no_wrap=True, overflow="ellipsis", max_width=64)
     colors = {"succeeded": "green", "failed": "bold red", "skipped": "yellow", "running": "cyan"}
     for r in rows:
         table.add_row(
-            str(r["id"]), f"{r['started_at']:%Y-%m-%d %H:%M:%S}", r["rollup"], r["step"], r["bucket"],
+            str(r["id"]), f"{r['started_at'].astimezone(B.UTC):%Y-%m-%d %H:%M:%SZ}", r["rollup"], r["step"], r["bucket"],
             Text(r["status"], style=colors.get(r["status"])),
             "" if r["seconds"] is None else f"{r['seconds']:.3f}",
             "" if r["rows_written"] is None else f"{r['rows_written']:,}",
@@ -251,5 +265,5 @@ def failed_steps(conn: psycopg.Connection, since: dt.datetime | None = None) -> 
     """Every bucket with steps whose latest attempt failed, hourly first, then by time."""
     found: dict[Bucket, list[str]] = {}
     for rollup, step, start, end, _, _ in conn.execute(query("ops_failed_steps"), dict(since=since)):
-        found.setdefault(Bucket(rollup, start, end), []).append(step)
+        found.setdefault(Bucket(rollup, start.astimezone(B.UTC), end.astimezone(B.UTC)), []).append(step)
     return {b: [s for s in ROLLUP_STEPS[b.rollup] if s in steps] for b, steps in found.items()}

@@ -23,6 +23,7 @@ import inspect
 import ipaddress
 import logging
 import os
+import uuid
 
 import psycopg
 from celery import Celery, Task
@@ -31,11 +32,12 @@ from celery.schedules import crontab
 
 from . import alerts
 from . import buckets as B
+from .backfill import pending_steps
 from .config import _float, settings
+from .db import redact
 from .errors import InvalidInput, TallyError, Unreachable
-from .queries import query
-from .rollups import RollupResult, Runner
-from .steps import PERIOD_INPUTS, steps_of
+from .rollups import RollupResult, Runner, StepResult
+from .steps import steps_of
 
 log = logging.getLogger("tally")
 
@@ -72,7 +74,9 @@ TRANSIENT = (RollupFailed, Unreachable, psycopg.OperationalError, SoftTimeLimitE
 def _celery_settings() -> dict:
     """Broker, reliability and schedule settings, from the environment."""
     s = settings()
-    hard = _float("TALLY_TASK_TIME_LIMIT", 3300.0, minimum=1)
+    # The soft limit stops a task cleanly (its step is recorded failed, then retried); the hard
+    # limit, a minute later, kills a process that did not stop.
+    soft = _float("TALLY_TASK_TIME_LIMIT", 3000.0, minimum=1)
     # Redis redelivers an unacknowledged message after this: longer than any task, retry delay included.
     visibility = _float("TALLY_VISIBILITY_TIMEOUT", 3600.0, minimum=1)
     transport = {
@@ -97,9 +101,11 @@ def _celery_settings() -> dict:
         task_default_queue=QUEUE,
         task_serializer="json",
         accept_content=["json"],
-        task_time_limit=hard,
-        task_soft_time_limit=hard * 0.9,
+        task_soft_time_limit=soft,
+        task_time_limit=soft + 60,
         worker_prefetch_multiplier=1,
+        # broker gone: the running task could no longer be acknowledged and will be delivered again
+        worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_send_task_events=True,  # Flower builds its task list from these
         task_send_sent_event=True,
         task_track_started=True,
@@ -185,30 +191,45 @@ def _again(task: Task) -> bool:
     return task.request.retries > 0 or bool((task.request.delivery_info or {}).get("redelivered"))
 
 
+def _stop_at_soft_limit(bucket: B.Bucket, step: StepResult) -> None:
+    """Stop the rollup at the soft time limit (the runner records the cut step as failed).
+
+    Left alone, the runner would go on with the next step on a connection still busy with
+    the cut statement, and record false failures.
+    """
+    if step.status == "failed" and (step.error or "").startswith(f"{SoftTimeLimitExceeded.__name__}:"):
+        raise RollupFailed([dict(rollup=bucket.rollup, bucket=bucket.label, step=step.step, attempt=step.attempt,
+                                 error="the task's soft time limit (TALLY_TASK_TIME_LIMIT) cut the step")])
+
+
 def _summary(result: RollupResult) -> dict:
     return dict(rollup=result.bucket.rollup, bucket=result.bucket.label, ok=result.ok, prepared=len(result.prepared),
                 steps=[dict(step=s.step, status=s.status, rows=s.rows, attempt=s.attempt) for s in result.steps])
 
 
 def _run(task: Task, bucket: B.Bucket, *, trigger: str, steps=None, atomic: bool = False,
-         force: bool = True) -> dict:
-    """Run ``bucket``; a retry or redelivery (or ``force=False``) runs only unfinished steps."""
+         backfill_force: bool | None = None) -> dict:
+    """Run ``steps`` (default all) of ``bucket``; a retry or redelivery runs only those not succeeded.
+
+    ``backfill_force`` (backfill only): False runs just the steps that are not ok (missing,
+    failed, dirty), the same choice as ``tally backfill``; True runs them all.
+    """
     again = _again(task)
-    with Runner(trigger="retry" if again else trigger, task_id=task.request.id) as runner:
-        if task.request.delivery_info and task.request.delivery_info.get("redelivered"):
+    with Runner(trigger="retry" if again else trigger, task_id=task.request.id, on_step=_stop_at_soft_limit) as runner:
+        if (task.request.delivery_info or {}).get("redelivered"):
             runner.ledger.reap_abandoned()  # the dead worker's 'running' rows, once their sessions are gone
-        only_unfinished = again or (not force and not _stale(runner, bucket))
-        result = runner.run(bucket, steps, atomic=atomic, only_unfinished=only_unfinished)
+        if backfill_force is not None and not again:
+            steps = pending_steps(runner.ledger.conn, bucket, backfill_force)
+            if not steps:  # done and current
+                return _summary(RollupResult(uuid.uuid4(), bucket, atomic))
+        try:
+            result = runner.run(bucket, steps, atomic=atomic, only_unfinished=again)
+        except RollupFailed:  # stopped at the soft time limit
+            runner.data.cancel_safe()  # the cut statement still runs (and holds its locks) on the server
+            raise
     if not result.ok:
         raise RollupFailed.of([result])
     return _summary(result)
-
-
-def _stale(runner: Runner, bucket: B.Bucket) -> bool:
-    """Source rows of ``bucket`` changed since it succeeded (so its succeeded steps are out of date)."""
-    row = runner.ledger.conn.execute(query("bucket_stale"), dict(
-        rollup=bucket.rollup, start=bucket.start, end=bucket.end, inputs=list(PERIOD_INPUTS))).fetchone()
-    return bool(row[0])
 
 
 def _rollup(task: RollupTask, when: str | None, steps, atomic: bool) -> dict:
@@ -243,22 +264,27 @@ def monthly_rollup(self, month: str | None = None, steps: list[str] | None = Non
 
 @app.task(name="tally.backfill_bucket", base=TallyTask, **OPTIONS)
 def backfill_bucket(self, rollup: str, bucket: str, force: bool = False) -> dict:
-    """One bucket of a backfill. Without ``force``, only its unfinished steps — all of them
-    if its source changed since they succeeded; nothing if it is done."""
+    """One bucket of a backfill: its steps that are missing, failed or dirty (all with ``force``);
+    nothing if it is done and current."""
     if bucket is None:
         raise InvalidInput(f"backfill_bucket needs a bucket for the {rollup} rollup")
-    return _run(self, B.parse_bucket(rollup, bucket), trigger="backfill", force=force)
+    return _run(self, B.parse_bucket(rollup, bucket), trigger="backfill", backfill_force=bool(force))
 
 
 @app.task(name="tally.catch_up", base=TallyTask, **OPTIONS)
-def catch_up(self) -> dict:
-    """Every missing, failed or dirty bucket, hourly first (scheduled every hour at minute 5)."""
+def catch_up(self, now: str | None = None) -> dict:
+    """Every missing, failed or dirty bucket, hourly first (scheduled every hour at minute 5).
+
+    ``now``: the hour (ISO) to catch up as of (default: when the task runs; a late catch-up
+    simply finds more to do).
+    """
     from .catchup import catch_up as run_catch_up
 
-    result = run_catch_up(trigger="retry" if _again(self) else "catch-up")
+    as_of = None if now is None else B.parse_time(now, "now")
+    result = run_catch_up(trigger="retry" if _again(self) else "catch-up", task_id=self.request.id, now=as_of)
     if not result.ok:
         raise RollupFailed.of(result.failed)
-    return dict(ok=True, buckets=len(getattr(result, "results", ()) or ()))
+    return result.as_dict()
 
 
 # ---- worker, beat, flower ------------------------------------------------------------------
@@ -269,13 +295,7 @@ def check_broker() -> None:
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=5)
     except Exception as exc:  # kombu raises OperationalError or the transport's own errors
-        raise Unreachable(f"cannot reach the broker {_redact(app.conf.broker_url)}: {exc}") from None
-
-
-def _redact(url: str) -> str:
-    from .db import redact
-
-    return redact(url)
+        raise Unreachable(f"cannot reach the broker {redact(app.conf.broker_url)}: {exc}") from None
 
 
 def _start(argv: list[str]) -> int:
@@ -291,6 +311,11 @@ def _start(argv: list[str]) -> int:
 
 def run_worker(extra: list[str], *, concurrency: int | None, loglevel: str) -> int:
     check_broker()
+    visibility = app.conf.broker_transport_options["visibility_timeout"]
+    if visibility <= max(app.conf.task_time_limit, settings().retry_delay):
+        log.warning("TALLY_VISIBILITY_TIMEOUT=%ss is not longer than a task may run (%ss) or wait for its retry "
+                    "(%ss): Redis will deliver such a task twice", visibility, app.conf.task_time_limit,
+                    settings().retry_delay)
     argv = ["worker", f"--loglevel={loglevel}", f"--queues={QUEUE}"]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")

@@ -31,7 +31,7 @@ HOURLY = (
     ("credit_consumption_hourly", "verify_credit_consumption_hourly"),
 )
 PERIODS = tuple((rollup, STEPS[f"{rollup}_metrics"]) for rollup in ("daily", "weekly", "monthly"))
-UNIT = {"daily": "day", "weekly": "week", "monthly": "month"}
+KEY_ORDER = ("workspace_id", "user_id", "agent_id")
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Drift:
 class VerifyReport:
     start: dt.datetime
     end: dt.datetime
-    checked: dict[str, int] = field(default_factory=dict)  # table -> buckets checked
+    checked: dict[str, int] = field(default_factory=dict)  # hours, days, weeks, months checked
     drifts: list[Drift] = field(default_factory=list)
 
     @property
@@ -86,15 +86,18 @@ def verify(conn: psycopg.Connection, start: dt.datetime, end: dt.datetime,
         if rollup == "hourly":
             statement = sql.SQL(query(hourly_queries[table]))  # type: ignore[arg-type]
             params = dict(start=lo, end=hi, **tol)
-            report.checked[table] = report.checked.get(table, 0) + int((hi - lo).total_seconds() // 3600)
+            if table == HOURLY[0][0]:
+                report.checked["hours"] = report.checked.get("hours", 0) + int((hi - lo).total_seconds() // 3600)
         else:
             step = periods[rollup]
             statement = sql.SQL(query("verify_period_metrics")).format(  # type: ignore[arg-type]
                 table=sql.Identifier("analytics", step.table), key=sql.Identifier(step.key))
             params = dict(start=lo, end=hi, bucket=lo.date(), **tol)
-            report.checked[table] = report.checked.get(table, 0) + 1
+            kind = f"{B.KIND[rollup]}s"
+            report.checked[kind] = report.checked.get(kind, 0) + 1
         for bucket, key, problem, col, expected, actual in conn.execute(statement, params):
             label = B.bucket(rollup, bucket.astimezone(B.UTC)).label
+            key = {k: key[k] for k in KEY_ORDER if k in key}  # jsonb sorts keys by length
             report.drifts.append(Drift(table, label, key, problem, col, expected, actual))
         if on_chunk is not None:
             on_chunk(i + 1, len(chunks))
@@ -103,7 +106,7 @@ def verify(conn: psycopg.Connection, start: dt.datetime, end: dt.datetime,
 
 def render(console: Console, report: VerifyReport, limit: int = 200) -> None:
     """The drift table (at most ``limit`` lines) and a one-line verdict."""
-    checked = ", ".join(f"{table} {n} bucket(s)" for table, n in report.checked.items() if n)
+    checked = ", ".join(f"{n} {kind if n != 1 else kind[:-1]}" for kind, n in report.checked.items() if n)
     span = f"{report.start:%Y-%m-%dT%H:00Z} .. {report.end:%Y-%m-%dT%H:00Z}"
     if report.clean:
         console.print(f"[green]clean[/]: every output row of {span} matches its source ({checked})")

@@ -1,23 +1,24 @@
 -- credit_consumption --
 -- One hour of public.execution_logs -> analytics.credit_consumption_hourly,
 -- keyed by workspace, user and agent. Parameters: start, end.
-WITH src AS (
-    SELECT coalesce(workspace_id, '') AS workspace_id,
-           coalesce(user_id, '') AS user_id,
-           coalesce(agent_id, '') AS agent_id,
-           lower(status) IN ('completed', 'success', 'succeeded') AS succeeded,
-           coalesce(credits_used, 0) AS credits
-    FROM public.execution_logs
-    WHERE started_at >= %(start)s AND started_at < %(end)s
-),
-metrics AS (
+-- Shape (docs/PERFORMANCE.md): one hashed pass over the hour's rows; the keys are then written
+-- in key order, so they append to the (hour, workspace, user, agent) key (migration 0003).
+WITH metrics AS (
     SELECT workspace_id, user_id, agent_id,
            sum(credits) AS total_credits,
            max(credits) AS peak_credits_per_execution,
            count(*) AS executions_count,
            count(*) FILTER (WHERE succeeded) AS successful_executions,
            coalesce(sum(credits) FILTER (WHERE succeeded), 0) AS success_credits
-    FROM src
+    FROM (SELECT coalesce(workspace_id, '') AS workspace_id,
+                 coalesce(user_id, '') AS user_id,
+                 coalesce(agent_id, '') AS agent_id,
+                 -- case-insensitive in ASCII, whatever the database's locale
+                 lower(status COLLATE "C") IN ('completed', 'success', 'succeeded') AS succeeded,
+                 coalesce(credits_used, 0) AS credits
+          FROM public.execution_logs
+          WHERE started_at >= %(start)s AND started_at < %(end)s
+          OFFSET 0) r  -- a fence: lower() runs once per row, not once per FILTER
     GROUP BY 1, 2, 3
 ),
 written AS (
@@ -29,6 +30,7 @@ written AS (
            -- numeric division, never integer division (25 / 2 = 12.5)
            CASE WHEN successful_executions = 0 THEN 0 ELSE success_credits / successful_executions END
     FROM metrics
+    ORDER BY workspace_id, user_id, agent_id
     ON CONFLICT (workspace_id, user_id, agent_id, hour) DO UPDATE SET
         total_credits = EXCLUDED.total_credits,
         avg_credits_per_execution = EXCLUDED.avg_credits_per_execution,

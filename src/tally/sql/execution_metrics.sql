@@ -1,37 +1,46 @@
 -- execution_metrics --
 -- One hour of public.execution_logs -> analytics.execution_metrics_hourly, keyed by workspace.
 -- Parameters: start, end (the hour, half-open), ln_gamma (the sketch's bin width).
-WITH src AS (
+-- Shape (docs/PERFORMANCE.md): one hashed pass over the hour's rows collects each workspace's
+-- counts, credits and valid durations; the percentiles and the sketch are then computed one
+-- workspace at a time from its durations (small sorts and hash tables, no global sort).
+WITH per_workspace AS (
     SELECT coalesce(workspace_id, '') AS workspace_id,      -- a missing id is aggregated under ''
-           lower(status) AS status,
-           -- valid duration: non-null, finite, >= 0 (NaN sorts above Infinity, so one test covers both)
-           CASE WHEN duration >= 0 AND duration < 'Infinity'::float8 THEN duration END AS runtime,
-           coalesce(credits_used, 0) AS credits
-    FROM public.execution_logs
-    WHERE started_at >= %(start)s AND started_at < %(end)s
-),
-metrics AS (
-    SELECT workspace_id,
            count(*) AS total_executions,
            count(*) FILTER (WHERE status IN ('completed', 'success', 'succeeded')) AS successful_executions,
            count(*) FILTER (WHERE status IN ('failed', 'failure', 'error', 'timeout', 'timed_out')) AS failed_executions,
-           avg(runtime) AS avg_runtime,
-           percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY runtime) AS pct,
-           sum(credits) AS total_credits,
-           count(runtime) AS runtime_count,
-           coalesce(sum(runtime), 0) AS runtime_sum
-    FROM src
-    GROUP BY workspace_id
+           coalesce(sum(credits_used), 0) AS total_credits,  -- a NULL credits_used counts as 0
+           -- valid duration: non-null, finite, >= 0 (NaN sorts above Infinity, so one test covers both)
+           array_agg(duration) FILTER (WHERE duration >= 0 AND duration < 'Infinity'::float8) AS runtimes
+    FROM (SELECT workspace_id, duration, credits_used,
+                 -- case-insensitive in ASCII, whatever the database's locale
+                 lower(status COLLATE "C") AS status
+          FROM public.execution_logs
+          WHERE started_at >= %(start)s AND started_at < %(end)s
+          OFFSET 0) r  -- a fence: lower() runs once per row, not once per FILTER
+    GROUP BY 1
 ),
--- The mergeable sketch: logarithmic bins ceil(ln(x) / ln(gamma)); exact zeros get their own bin.
-sketch AS (
-    SELECT workspace_id, array_agg(bin ORDER BY bin) AS bins, array_agg(n ORDER BY bin) AS counts
-    FROM (SELECT workspace_id,
-                 CASE WHEN runtime = 0 THEN -2147483648 ELSE ceil(ln(runtime) / %(ln_gamma)s)::int END AS bin,
-                 count(*) AS n
-          FROM src WHERE runtime IS NOT NULL
-          GROUP BY 1, 2) b
-    GROUP BY workspace_id
+metrics AS (
+    SELECT p.workspace_id, p.total_executions, p.successful_executions, p.failed_executions, p.total_credits,
+           d.avg_runtime, d.pct, coalesce(d.runtime_count, 0) AS runtime_count,
+           coalesce(d.runtime_sum, 0) AS runtime_sum,
+           coalesce(k.bins, ARRAY[]::int[]) AS bins, coalesce(k.counts, ARRAY[]::bigint[]) AS counts
+    FROM per_workspace p
+    LEFT JOIN LATERAL (
+        SELECT avg(x) AS avg_runtime,
+               percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY x) AS pct,
+               count(x) AS runtime_count,
+               sum(x) AS runtime_sum
+        FROM (SELECT unnest(p.runtimes) AS x) u
+    ) d ON true
+    -- The mergeable sketch: logarithmic bins ceil(ln(x) / ln(gamma)); exact zeros get their own bin.
+    LEFT JOIN LATERAL (
+        SELECT array_agg(bin ORDER BY bin) AS bins, array_agg(n ORDER BY bin) AS counts
+        FROM (SELECT CASE WHEN x = 0 THEN -2147483648 ELSE ceil(ln(x) / %(ln_gamma)s)::int END AS bin,
+                     count(*) AS n
+              FROM (SELECT unnest(p.runtimes) AS x) u
+              GROUP BY 1) b
+    ) k ON true
 ),
 written AS (
     INSERT INTO analytics.execution_metrics_hourly AS t (
@@ -40,8 +49,8 @@ written AS (
         runtime_count, runtime_sum, runtime_sketch_bins, runtime_sketch_counts)
     SELECT m.workspace_id, %(start)s, m.total_executions, m.successful_executions, m.failed_executions,
            m.avg_runtime, m.pct[1], m.pct[2], m.pct[3], m.total_credits, m.total_credits / m.total_executions,
-           m.runtime_count, m.runtime_sum, coalesce(s.bins, ARRAY[]::int[]), coalesce(s.counts, ARRAY[]::bigint[])
-    FROM metrics m LEFT JOIN sketch s USING (workspace_id)
+           m.runtime_count, m.runtime_sum, m.bins, m.counts
+    FROM metrics m
     ON CONFLICT (workspace_id, hour) DO UPDATE SET
         total_executions = EXCLUDED.total_executions,
         successful_executions = EXCLUDED.successful_executions,

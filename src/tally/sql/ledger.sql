@@ -30,8 +30,9 @@ UPDATE analytics.aggregation_runs r
 SET status = 'failed', finished_at = clock_timestamp(),
     error = 'abandoned: the process running this step died before it finished'
 WHERE r.status = 'running'
+  -- another role's session shows backend_start NULL (no pg_read_all_stats): a live pid counts as alive
   AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                  WHERE a.pid = r.backend_pid AND a.backend_start <= r.started_at)
+                  WHERE a.pid = r.backend_pid AND (a.backend_start <= r.started_at OR a.backend_start IS NULL))
 RETURNING r.id;
 
 -- dirty_claim --
@@ -79,15 +80,3 @@ WHERE hours.h IN (SELECT hour FROM dirty)
             OR EXISTS (SELECT 1 FROM analytics.execution_metrics_hourly m WHERE m.hour = hours.h)
             OR EXISTS (SELECT 1 FROM analytics.credit_consumption_hourly c WHERE c.hour = hours.h)))
 ORDER BY 1;
-
--- ledger_recent --
-SELECT id, run_id, rollup, step,
-       CASE rollup WHEN 'hourly' THEN to_char(bucket_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24":00Z"')
-                   WHEN 'monthly' THEN to_char(bucket_start AT TIME ZONE 'UTC', 'YYYY-MM')
-                   ELSE to_char(bucket_start AT TIME ZONE 'UTC', 'YYYY-MM-DD') END AS bucket,
-       bucket_start, bucket_end, status, rows_written, error, attempt, trigger, started_at, finished_at,
-       extract(epoch FROM finished_at - started_at)::float8 AS seconds, worker, task_id
-FROM analytics.aggregation_runs
-WHERE (NOT %(failed)s OR status = 'failed')
-ORDER BY id DESC
-LIMIT %(limit)s;

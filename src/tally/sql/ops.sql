@@ -8,20 +8,22 @@ WHERE rollup = %(rollup)s AND bucket_start >= %(start)s AND bucket_start < %(end
 ORDER BY step, bucket_start, id DESC;
 
 -- ops_dirty_hours --
--- Hours in [start, end) whose source rows changed since they were last aggregated, and which
--- source table changed (execution_logs or user_activity).
-SELECT DISTINCT hour, source
+-- The change marks of the hours in [start, end), per source table: whether one is still
+-- unclaimed (no run has started reading it) and when the last one was claimed. A step that
+-- started before that claim did not see the change.
+SELECT hour, source, bool_or(claimed_at IS NULL) AS unclaimed, max(claimed_at) AS last_claimed
 FROM analytics.dirty_log
-WHERE hour >= %(start)s AND hour < %(end)s;
+WHERE hour >= %(start)s AND hour < %(end)s
+GROUP BY hour, source;
 
 -- ops_inputs_refreshed --
--- When each hour's period inputs (the hourly steps a day/week/month reads) last succeeded:
--- a period whose latest success started before that is stale.
-SELECT bucket_start AS hour, max(finished_at) AS refreshed
+-- When the latest success of each hour's period inputs (the hourly steps a day, week or
+-- month reads) started and finished.
+SELECT bucket_start AS hour, step, max(started_at) AS started, max(finished_at) AS finished
 FROM analytics.aggregation_runs
 WHERE rollup = 'hourly' AND step = ANY(%(steps)s) AND status = 'succeeded'
   AND bucket_start >= %(start)s AND bucket_start < %(end)s
-GROUP BY bucket_start;
+GROUP BY bucket_start, step;
 
 -- ops_failed_steps --
 -- Every step and bucket whose latest attempt (skipped ones left out) failed, optionally only

@@ -7,11 +7,7 @@
 --   are exact distinct counts over the credit_consumption_hourly keys of the period.
 -- Identifiers {table} and {key} come from the fixed step registry.
 -- Parameters: start, end, bucket (the date stored in {key}), ln_gamma, ln_half_width.
-WITH hourly AS (
-    SELECT * FROM analytics.execution_metrics_hourly
-    WHERE hour >= %(start)s AND hour < %(end)s
-),
-totals AS (
+WITH totals AS (
     SELECT workspace_id,
            sum(total_executions)::bigint AS total_executions,
            sum(successful_executions)::bigint AS successful_executions,
@@ -19,55 +15,75 @@ totals AS (
            sum(total_credits) AS total_credits,
            sum(runtime_count)::bigint AS runtime_count,
            sum(runtime_sum) AS runtime_sum
-    FROM hourly
+    FROM analytics.execution_metrics_hourly
+    WHERE hour >= %(start)s AND hour < %(end)s
     GROUP BY workspace_id
 ),
-merged AS (
-    SELECT h.workspace_id, u.bin, sum(u.n) AS n
-    FROM hourly h CROSS JOIN LATERAL unnest(h.runtime_sketch_bins, h.runtime_sketch_counts) AS u(bin, n)
-    GROUP BY 1, 2
-),
-cumulative AS (
-    -- bin b holds the order statistics [below, upto); its value is the bin's log-midpoint
-    SELECT workspace_id, sum(n) OVER w - n AS below, sum(n) OVER w AS upto,
-           CASE WHEN bin = -2147483648 THEN 0::float8
-                ELSE exp(least(bin * %(ln_gamma)s + %(ln_half_width)s, 709.78)) END AS value
-    FROM merged
-    WINDOW w AS (PARTITION BY workspace_id ORDER BY bin)
-),
-ranks AS (
-    -- percentile_cont: rank q*(n-1), interpolating between its floor and ceiling
-    SELECT t.workspace_id, q.i, floor(q.q * (t.runtime_count - 1)) AS lo, ceil(q.q * (t.runtime_count - 1)) AS hi,
-           q.q * (t.runtime_count - 1) - floor(q.q * (t.runtime_count - 1)) AS frac
-    FROM totals t CROSS JOIN (VALUES (1, 0.5::float8), (2, 0.95::float8), (3, 0.99::float8)) AS q(i, q)
-    WHERE t.runtime_count > 0
-),
-quantiles AS (
-    SELECT r.workspace_id,
-           max(lo.value + (hi.value - lo.value) * r.frac) FILTER (WHERE r.i = 1) AS p50,
-           max(lo.value + (hi.value - lo.value) * r.frac) FILTER (WHERE r.i = 2) AS p95,
-           max(lo.value + (hi.value - lo.value) * r.frac) FILTER (WHERE r.i = 3) AS p99
-    FROM ranks r
-    JOIN cumulative lo ON lo.workspace_id = r.workspace_id AND r.lo >= lo.below AND r.lo < lo.upto
-    JOIN cumulative hi ON hi.workspace_id = r.workspace_id AND r.hi >= hi.below AND r.hi < hi.upto
-    GROUP BY r.workspace_id
-),
 people AS (
+    -- one row per distinct (workspace, user) and per distinct (workspace, agent), both in one
+    -- hashed pass; the other grouping set's column is NULL there, and count() skips NULLs
     SELECT workspace_id,
-           count(DISTINCT user_id) FILTER (WHERE user_id <> '') AS unique_users,
-           count(DISTINCT agent_id) FILTER (WHERE agent_id <> '') AS unique_agents
-    FROM analytics.credit_consumption_hourly
-    WHERE hour >= %(start)s AND hour < %(end)s
+           count(user_id) FILTER (WHERE user_id <> '') AS unique_users,
+           count(agent_id) FILTER (WHERE agent_id <> '') AS unique_agents
+    FROM (SELECT workspace_id, user_id, agent_id FROM analytics.credit_consumption_hourly
+          WHERE hour >= %(start)s AND hour < %(end)s
+          GROUP BY GROUPING SETS ((workspace_id, user_id), (workspace_id, agent_id))) k
     GROUP BY workspace_id
 ),
 metrics AS (
     SELECT t.workspace_id, t.total_executions, t.successful_executions, t.failed_executions,
-           CASE WHEN t.runtime_count > 0 THEN t.runtime_sum / t.runtime_count END AS avg_runtime,
-           q.p50, q.p95, q.p99, t.total_credits, t.total_credits / t.total_executions AS avg_credits_per_run,
+           -- a mean that rounds to 0 (denormal durations) is 0, as in C's avg(), not an underflow error
+           CASE WHEN t.runtime_count = 0 THEN NULL
+                WHEN t.runtime_sum::numeric / t.runtime_count <= 2.4703282292063e-324 THEN 0::float8
+                ELSE t.runtime_sum / t.runtime_count END AS avg_runtime,
+           -- percentile_cont's interpolation lo + (hi - lo) * (rank - floor(rank)). A product of at most
+           -- half the smallest double (2^-1075: denormal durations) is 0 in C but an underflow error in
+           -- SQL, so it is tested first in numeric (which has no underflow; 15 digits, hence the margin).
+           CASE WHEN (q.hi1_value - q.lo1_value)::numeric * (r.rank1 - r.lo1)::numeric <= 2.4703282292063e-324
+                THEN q.lo1_value ELSE q.lo1_value + (q.hi1_value - q.lo1_value) * (r.rank1 - r.lo1) END AS p50,
+           CASE WHEN (q.hi2_value - q.lo2_value)::numeric * (r.rank2 - r.lo2)::numeric <= 2.4703282292063e-324
+                THEN q.lo2_value ELSE q.lo2_value + (q.hi2_value - q.lo2_value) * (r.rank2 - r.lo2) END AS p95,
+           CASE WHEN (q.hi3_value - q.lo3_value)::numeric * (r.rank3 - r.lo3)::numeric <= 2.4703282292063e-324
+                THEN q.lo3_value ELSE q.lo3_value + (q.hi3_value - q.lo3_value) * (r.rank3 - r.lo3) END AS p99,
+           t.total_credits, t.total_credits / t.total_executions AS avg_credits_per_run,
            coalesce(p.unique_users, 0) AS unique_users, coalesce(p.unique_agents, 0) AS unique_agents,
            100.0::float8 * t.successful_executions / t.total_executions AS health_score
     FROM totals t
-    LEFT JOIN quantiles q USING (workspace_id)
+    CROSS JOIN LATERAL (
+        -- percentile_cont: rank q*(n-1), interpolating between its floor (lo) and ceiling (hi)
+        SELECT rank1, floor(rank1) AS lo1, ceil(rank1) AS hi1,
+               rank2, floor(rank2) AS lo2, ceil(rank2) AS hi2,
+               rank3, floor(rank3) AS lo3, ceil(rank3) AS hi3
+        FROM (SELECT 0.5::float8 * (t.runtime_count - 1) AS rank1, 0.95::float8 * (t.runtime_count - 1) AS rank2,
+                     0.99::float8 * (t.runtime_count - 1) AS rank3) ranks
+    ) r
+    LEFT JOIN LATERAL (
+        -- One workspace at a time (its hourly rows through the primary key): merge its sketches,
+        -- accumulate the counts in bin order, and keep the value of the bin holding each rank.
+        -- Small per-workspace sorts cost a fraction of one global (workspace, bin) merge.
+        SELECT max(c.value) FILTER (WHERE r.lo1 >= c.below AND r.lo1 < c.upto) AS lo1_value,
+               max(c.value) FILTER (WHERE r.hi1 >= c.below AND r.hi1 < c.upto) AS hi1_value,
+               max(c.value) FILTER (WHERE r.lo2 >= c.below AND r.lo2 < c.upto) AS lo2_value,
+               max(c.value) FILTER (WHERE r.hi2 >= c.below AND r.hi2 < c.upto) AS hi2_value,
+               max(c.value) FILTER (WHERE r.lo3 >= c.below AND r.lo3 < c.upto) AS lo3_value,
+               max(c.value) FILTER (WHERE r.hi3 >= c.below AND r.hi3 < c.upto) AS hi3_value
+        FROM (
+            -- bin b holds the order statistics [below, upto); its value is the bin's log-midpoint.
+            -- Counts as float8: exact below 2^53, and compared with the float8 ranks without casts.
+            SELECT sum(m.n) OVER w - m.n AS below, sum(m.n) OVER w AS upto,
+                   CASE WHEN m.bin = -2147483648 THEN 0::float8
+                        ELSE exp(least(m.bin * %(ln_gamma)s + %(ln_half_width)s, 709.78)) END AS value
+            FROM (
+                -- unnest in the select list walks the two arrays in step
+                SELECT u.bin, sum(u.n::float8) AS n
+                FROM (SELECT unnest(h.runtime_sketch_bins) AS bin, unnest(h.runtime_sketch_counts) AS n
+                      FROM analytics.execution_metrics_hourly h
+                      WHERE h.workspace_id = t.workspace_id AND h.hour >= %(start)s AND h.hour < %(end)s) u
+                GROUP BY u.bin
+            ) m
+            WINDOW w AS (ORDER BY m.bin)
+        ) c
+    ) q ON t.runtime_count > 0
     LEFT JOIN people p USING (workspace_id)
     WHERE t.total_executions > 0
 ),

@@ -1,46 +1,36 @@
 -- user_activity --
 -- One hour of analytics.user_activity -> analytics.user_activity_hourly, keyed by workspace and user.
 -- Parameters: start, end.
-WITH src AS (
-    SELECT coalesce(workspace_id, '') AS workspace_id, user_id, session_id, event_type, created_at
-    FROM analytics.user_activity
-    WHERE created_at >= %(start)s AND created_at < %(end)s
-),
--- one pass over the raw events; everything below works on these groups
-cells AS (
+-- Shape (docs/PERFORMANCE.md): one hashed pass over the raw events fills two groupings at once
+-- (grouping sets): per session, and per event type; everything else works on those groups.
+WITH cells AS (
     SELECT workspace_id, user_id, session_id, event_type,
+           GROUPING(event_type) = 1 AS per_session,  -- a (workspace, user, session) group
            count(*) AS n, min(created_at) AS first_at, max(created_at) AS last_at
-    FROM src
-    GROUP BY 1, 2, 3, 4
-),
-per_user AS (
-    SELECT workspace_id, user_id,
-           sum(n)::bigint AS total_events,
-           coalesce(sum(n) FILTER (WHERE event_type = 'page_view'), 0)::bigint AS page_views
-    FROM cells GROUP BY 1, 2
-),
-per_type AS (
-    -- every event counted once under its type (not one per session)
-    SELECT workspace_id, user_id, jsonb_object_agg(event_type, n) AS event_type_counts
-    FROM (SELECT workspace_id, user_id, event_type, sum(n)::bigint AS n FROM cells GROUP BY 1, 2, 3) t
-    GROUP BY 1, 2
-),
-per_session AS (
-    -- a session's active time in this hour: its last event here minus its first event here
-    SELECT workspace_id, user_id, count(*) AS sessions,
-           sum(extract(epoch FROM last_at - first_at))::float8 AS active
-    FROM (SELECT workspace_id, user_id, session_id, min(first_at) AS first_at, max(last_at) AS last_at
-          FROM cells WHERE session_id IS NOT NULL GROUP BY 1, 2, 3) s
-    GROUP BY 1, 2
+    FROM (SELECT coalesce(workspace_id, '') AS workspace_id, user_id, session_id, event_type, created_at
+          FROM analytics.user_activity
+          WHERE created_at >= %(start)s AND created_at < %(end)s) src
+    GROUP BY GROUPING SETS ((workspace_id, user_id, session_id), (workspace_id, user_id, event_type))
 ),
 metrics AS (
-    SELECT u.workspace_id, u.user_id, u.total_events, u.page_views,
-           coalesce(s.sessions, 0) AS unique_sessions, t.event_type_counts,
-           coalesce(s.active, 0) AS active_duration_seconds,
-           CASE WHEN coalesce(s.sessions, 0) = 0 THEN 0 ELSE s.active / s.sessions END AS avg_session_duration
-    FROM per_user u
-    JOIN per_type t USING (workspace_id, user_id)
-    LEFT JOIN per_session s USING (workspace_id, user_id)
+    SELECT workspace_id, user_id, total_events, page_views, unique_sessions, event_type_counts,
+           active_duration_seconds,
+           CASE WHEN unique_sessions = 0 THEN 0 ELSE active_duration_seconds / unique_sessions END
+               AS avg_session_duration
+    FROM (SELECT workspace_id, user_id,
+                 -- every event is in exactly one session group (the sessionless ones in the NULL one)
+                 sum(n) FILTER (WHERE per_session)::bigint AS total_events,
+                 coalesce(sum(n) FILTER (WHERE NOT per_session AND event_type = 'page_view'), 0)::bigint
+                     AS page_views,
+                 count(*) FILTER (WHERE per_session AND session_id IS NOT NULL) AS unique_sessions,
+                 -- every event counted once under its type (not one per session)
+                 jsonb_object_agg(event_type, n) FILTER (WHERE NOT per_session) AS event_type_counts,
+                 -- a session's active time in this hour: its last event here minus its first event here
+                 coalesce(sum(extract(epoch FROM last_at - first_at))
+                              FILTER (WHERE per_session AND session_id IS NOT NULL)::float8, 0)
+                     AS active_duration_seconds
+          FROM cells
+          GROUP BY workspace_id, user_id) u
 ),
 written AS (
     INSERT INTO analytics.user_activity_hourly AS t (
@@ -49,6 +39,7 @@ written AS (
     SELECT workspace_id, user_id, %(start)s, total_events, page_views, unique_sessions, event_type_counts,
            active_duration_seconds, avg_session_duration
     FROM metrics
+    ORDER BY workspace_id, user_id  -- key order: appends to the (hour, workspace, user) key
     ON CONFLICT (workspace_id, user_id, hour) DO UPDATE SET
         total_events = EXCLUDED.total_events,
         page_views = EXCLUDED.page_views,

@@ -50,21 +50,34 @@ CREATE INDEX dirty_log_hour_idx ON analytics.dirty_log (hour, claimed_at);
 
 CREATE FUNCTION analytics.tally_mark_dirty() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
-DECLARE
-    col text := TG_ARGV[0];
+-- Static SQL, one statement per (table, operation): PL/pgSQL plans each once per session.
+-- (A dynamic EXECUTE is parsed and planned on every statement: 2.5x the cost of a single-row
+-- INSERT instead of ~1.15x, bench/late_data.py.) An UPDATE marks the old and the new hour.
 BEGIN
-    IF TG_OP = 'INSERT' THEN
-        EXECUTE format('INSERT INTO analytics.dirty_log (hour, source)
-            SELECT DISTINCT date_trunc(''hour'', %I, ''UTC''), %L FROM new_rows ORDER BY 1', col, TG_TABLE_NAME);
-    ELSIF TG_OP = 'DELETE' THEN
-        EXECUTE format('INSERT INTO analytics.dirty_log (hour, source)
-            SELECT DISTINCT date_trunc(''hour'', %I, ''UTC''), %L FROM old_rows ORDER BY 1', col, TG_TABLE_NAME);
-    ELSE
-        -- both the old and the new hour: a row that moves marks both
-        EXECUTE format('INSERT INTO analytics.dirty_log (hour, source)
-            SELECT h, %L FROM (SELECT date_trunc(''hour'', %I, ''UTC'') FROM old_rows
-                               UNION SELECT date_trunc(''hour'', %I, ''UTC'') FROM new_rows) s(h) ORDER BY 1',
-            TG_TABLE_NAME, col, col);
+    IF TG_TABLE_NAME = 'execution_logs' THEN
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO analytics.dirty_log (hour, source)
+            SELECT DISTINCT date_trunc('hour', started_at, 'UTC'), 'execution_logs' FROM new_rows;
+        ELSIF TG_OP = 'DELETE' THEN
+            INSERT INTO analytics.dirty_log (hour, source)
+            SELECT DISTINCT date_trunc('hour', started_at, 'UTC'), 'execution_logs' FROM old_rows;
+        ELSE
+            INSERT INTO analytics.dirty_log (hour, source)
+            SELECT date_trunc('hour', started_at, 'UTC'), 'execution_logs' FROM old_rows
+            UNION SELECT date_trunc('hour', started_at, 'UTC'), 'execution_logs' FROM new_rows;
+        END IF;
+    ELSE  -- analytics.user_activity
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO analytics.dirty_log (hour, source)
+            SELECT DISTINCT date_trunc('hour', created_at, 'UTC'), 'user_activity' FROM new_rows;
+        ELSIF TG_OP = 'DELETE' THEN
+            INSERT INTO analytics.dirty_log (hour, source)
+            SELECT DISTINCT date_trunc('hour', created_at, 'UTC'), 'user_activity' FROM old_rows;
+        ELSE
+            INSERT INTO analytics.dirty_log (hour, source)
+            SELECT date_trunc('hour', created_at, 'UTC'), 'user_activity' FROM old_rows
+            UNION SELECT date_trunc('hour', created_at, 'UTC'), 'user_activity' FROM new_rows;
+        END IF;
     END IF;
     RETURN NULL;
 END

@@ -1,0 +1,101 @@
+"""Least-privilege database roles: a worker and a read-only dashboard (``tally db roles``).
+
+* the **worker** role reads the source tables (``public.execution_logs``,
+  ``analytics.user_activity``) and writes only what tally owns in ``analytics``:
+  the output tables, the run ledger (insert and finish, never delete) and the
+  change log (claim and clear marks);
+* the **dashboard** role reads the output tables, the ledger and the change log,
+  and can write nothing;
+* the change-capture trigger function becomes SECURITY DEFINER, so the
+  platform's own writer roles need no privilege on ``analytics``.
+
+The grants are in ``sql/roles.sql``; role names are the only input, checked
+here and quoted by :class:`psycopg.sql.Identifier`. Running it again converges
+to exactly these privileges on tally's objects. See docs/SECURITY.md.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from .db import connect
+from .errors import InvalidInput
+from .queries import query
+
+DEFAULT_WORKER = "tally_worker"
+DEFAULT_DASHBOARD = "tally_dashboard"
+
+# PostgreSQL silently truncates longer names (NAMEDATALEN 64) and reserves pg_*; a plain
+# name is also what a DBA types in pg_hba.conf. Quoting stays in place all the same.
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$-]*")
+
+
+def check_name(name: str, what: str) -> str:
+    """``name`` if it is a usable role name, else InvalidInput (exit 2) naming it."""
+    if not _NAME.fullmatch(name or "") or len(name.encode()) > 63:
+        raise InvalidInput(f"invalid {what} role name {name!r}: use letters, digits, _ $ - "
+                           "(not starting with a digit), at most 63 bytes")
+    if name.lower().startswith("pg_"):
+        raise InvalidInput(f"invalid {what} role name {name!r}: names starting with pg_ are reserved")
+    if name.lower() in ("public", "current_user", "current_role", "session_user", "none"):
+        raise InvalidInput(f"invalid {what} role name {name!r}: a reserved word")
+    return name
+
+
+@dataclass
+class RolesPlan:
+    """One worker and one dashboard role: which named grants apply to which role."""
+
+    worker: str
+    dashboard: str
+
+    @property
+    def grants(self) -> list[tuple[str, str]]:
+        """(role, query name) in order."""
+        return [(self.worker, "roles_worker"), (self.dashboard, "roles_dashboard")]
+
+
+def plan(worker: str = DEFAULT_WORKER, dashboard: str = DEFAULT_DASHBOARD) -> RolesPlan:
+    """Check the names (no database needed)."""
+    check_name(worker, "--worker")
+    check_name(dashboard, "--dashboard")
+    if worker == dashboard:
+        raise InvalidInput(f"--worker and --dashboard must differ (both {worker!r})")
+    return RolesPlan(worker, dashboard)
+
+
+def _for(role: str, name: str) -> sql.Composed:
+    """A named statement of sql/roles.sql with {role} quoted as an identifier."""
+    return sql.SQL(query(name)).format(role=sql.Identifier(role))  # type: ignore[arg-type]
+
+
+def render(p: RolesPlan) -> str:
+    """The SQL of a plan, as a DBA would review it."""
+    parts = [f"-- if absent:\n{_for(role, 'roles_create').as_string(None)}" for role in (p.worker, p.dashboard)]
+    parts += [_for(role, name).as_string(None) for role, name in p.grants]
+    parts.append(query("roles_source_writers"))
+    return "\n\n".join(parts)
+
+
+def apply(url: str, p: RolesPlan) -> list[str]:
+    """Create the roles that are missing and grant, in one transaction; return what was done."""
+    done: list[str] = []
+    with connect(url) as conn:
+        with conn.transaction():
+            for role, what in ((p.worker, "worker"), (p.dashboard, "dashboard")):
+                if conn.execute(query("roles_exists"), dict(name=role)).fetchone()[0]:
+                    done.append(f"{what} role {role}: exists, privileges on tally's objects reset")
+                else:
+                    conn.execute(_for(role, "roles_create"))
+                    done.append(f"{what} role {role}: created (NOLOGIN; log in as a member of it)")
+            for role, name in p.grants:
+                conn.execute(_for(role, name))
+            conn.execute(query("roles_source_writers"))
+    done.append(f"{p.worker}: reads public.execution_logs, analytics.user_activity; writes the output tables, "
+                "analytics.aggregation_runs (insert, update) and analytics.dirty_log (update, delete)")
+    done.append(f"{p.dashboard}: reads the output tables, analytics.aggregation_runs and analytics.dirty_log; "
+                "writes nothing")
+    done.append("analytics.tally_mark_dirty(): SECURITY DEFINER, so source writers need no rights on analytics")
+    return done

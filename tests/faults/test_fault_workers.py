@@ -1,0 +1,185 @@
+"""Faults around Celery workers: real `tally worker` processes on a real Redis.
+
+2. a worker is killed with SIGKILL in the middle of a task: the task is delivered again;
+5. the same task is delivered twice at once;
+6. a statement timeout fails a step: the task retries it;
+7. a step fails for good: the steps around it committed, one alert after the last retry.
+
+Each test runs its own workers under its own broker key prefix, so no other worker
+(tests/test_celery.py's) ever takes its tasks.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import pytest
+
+from celery_support import Worker, client, wait_for
+from fault_support import (HOUR, UTC, assert_ledger_truthful, assert_no_duplicates, assert_same_outputs,
+                           clean_outputs, hours_of, ledger, seed_hours)
+from outputs import snapshot
+from tally import buckets as B
+
+pytest_plugins = ["celery_support"]
+
+T0 = dt.datetime(2026, 3, 9, 0, tzinfo=UTC)  # a Monday
+HOURS = 3
+H1 = T0 + HOUR
+TIMEOUT = 120  # seconds a test waits for a task: generous, never a timing assertion
+
+
+def worker_env(broker: dict, url: str, **extra: str) -> dict:
+    return {**broker, "TALLY_BROKER_PREFIX": f"tally-fault-{uuid.uuid4().hex[:8]}:", "TALLY_DATABASE_URL": url,
+            "TALLY_LOCK_WAIT": "60", **extra}
+
+
+def running(conn, step: str, start: dt.datetime) -> list[tuple]:
+    return [r for r in ledger(conn, None, start) if r[1] == step and r[3] == "running"]
+
+
+# ---- 2. SIGKILL mid-task --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_worker_killed_mid_task_the_task_is_delivered_again(faulty, conn, make_db, broker, tmp_path):
+    url, faults = faulty
+    seed_hours(url, T0, HOURS)
+    env = worker_env(broker, url, TALLY_VISIBILITY_TIMEOUT="4")
+    day = B.bucket("daily", T0)
+    # a daily task prepares its hours first: kill it in the middle of hour 01's first INSERT
+    gate = faults.gate("execution_metrics_hourly", H1)
+    first = Worker(env, tmp_path / "first.log")
+    second = None
+    try:
+        r = client(env).send_task("tally.daily_rollup", [day.label])
+        [pid] = faults.wait_at(gate)
+        first.kill()  # SIGKILL to the whole process group: the machine died
+        faults.open(gate)  # the orphaned session finishes its INSERT, finds its client gone, rolls back
+        wait_for(lambda: not conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone(),
+                 TIMEOUT, "the dead worker's session to end")
+        assert [r[3] for r in ledger(conn, "hourly", H1)] == ["running"]  # until someone notices it died
+        assert conn.execute("SELECT count(*) FROM analytics.execution_metrics_hourly WHERE hour = %s",
+                            (H1,)).fetchone()[0] == 0  # never committed
+        second = Worker(env, tmp_path / "second.log")
+        assert r.get(timeout=TIMEOUT)["ok"]
+    finally:
+        for w in (first, second):
+            if w:
+                w.stop()
+    rows = ledger(conn, "hourly", H1)
+    assert [(r[1], r[3], r[4], r[5]) for r in rows] == [
+        ("execution_metrics", "failed", 1, "schedule"), ("execution_metrics", "succeeded", 2, "retry"),
+        ("user_activity", "succeeded", 1, "retry"), ("credit_consumption", "succeeded", 1, "retry")]
+    assert rows[0][6].startswith("abandoned")
+    # hour 00 was finished by the first worker and not run again
+    assert [(r[1], r[3], r[5]) for r in ledger(conn, "hourly", T0)] == [
+        ("execution_metrics", "succeeded", "schedule"), ("user_activity", "succeeded", "schedule"),
+        ("credit_consumption", "succeeded", "schedule")]
+    buckets = [B.bucket("hourly", h) for h in hours_of(T0, HOURS)] + [day]
+    assert_same_outputs(conn, clean_outputs(make_db, T0, HOURS, buckets))
+    assert_no_duplicates(conn, hours_of(T0, HOURS))
+    assert_ledger_truthful(conn, buckets)
+
+
+# ---- 5. duplicate delivery -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lock_wait", ["60", "0"])  # the second delivery waits for the bucket lock, or skips
+def test_the_same_task_delivered_twice_at_once(faulty, conn, make_db, broker, tmp_path, lock_wait):
+    url, faults = faulty
+    seed_hours(url, T0, HOURS)
+    env = worker_env(broker, url, TALLY_LOCK_WAIT=lock_wait)
+    label = B.bucket("hourly", H1).label
+    gate = faults.gate("execution_metrics_hourly", H1)
+    workers = [Worker(env, tmp_path / f"w{i}.log") for i in range(2)]
+    try:
+        celery = client(env)
+        task_id = str(uuid.uuid4())
+        for _ in range(2):  # one message, delivered twice: same id, same arguments
+            celery.send_task("tally.hourly_rollup", [label], task_id=task_id)
+        faults.wait_at(gate)  # the first delivery is mid-INSERT, holding execution_metrics' bucket lock
+        wait_for(lambda: len(running(conn, "execution_metrics", H1)) == 2 or any(
+            r[1] == "execution_metrics" and r[3] == "skipped" for r in ledger(conn, "hourly", H1)),
+            TIMEOUT, "the second delivery to reach the same step")
+        faults.open(gate)
+        wait_for(lambda: (rows := ledger(conn, "hourly", H1)) and len(rows) == 6
+                 and not [r for r in rows if r[3] == "running"], TIMEOUT, "both deliveries to finish")
+    finally:
+        for w in workers:
+            w.stop()
+    rows = ledger(conn, "hourly", H1)
+    assert {r[3] for r in rows} <= {"succeeded", "skipped"}
+    assert conn.execute("SELECT count(DISTINCT task_id) FROM analytics.aggregation_runs").fetchone()[0] == 1
+    skipped = [r for r in rows if r[3] == "skipped"]
+    if lock_wait == "0":
+        assert skipped and all("another run held the lock" in r[6] for r in skipped)
+    else:
+        assert not skipped and [r[1] for r in rows].count("execution_metrics") == 2
+    bucket = B.bucket("hourly", H1)
+    assert_same_outputs(conn, clean_outputs(make_db, T0, HOURS, [bucket]))
+    assert_no_duplicates(conn, [H1])
+    assert_ledger_truthful(conn, [bucket], attempts_in_order=False)
+
+
+# ---- 6. a statement timeout, retried by the task ---------------------------------------------------------
+
+def test_a_statement_timeout_is_retried_by_the_task(faulty, conn, make_db, broker, tmp_path):
+    url, faults = faulty
+    seed_hours(url, T0, HOURS)
+    env = worker_env(broker, url, TALLY_STATEMENT_TIMEOUT_USER_ACTIVITY="0.5", TALLY_MAX_RETRIES="5",
+                     TALLY_RETRY_DELAY="1")
+    gate = faults.gate("user_activity_hourly", H1)
+    w = Worker(env, tmp_path / "worker.log")
+    try:
+        r = client(env).send_task("tally.hourly_rollup", [B.bucket("hourly", H1).label])
+        wait_for(lambda: [x for x in ledger(conn, "hourly", H1) if x[1] == "user_activity" and x[3] == "failed"],
+                 TIMEOUT, "the step to time out")
+        faults.open(gate)
+        assert r.get(timeout=TIMEOUT)["ok"]
+    finally:
+        w.stop()
+    rows = ledger(conn, "hourly", H1)
+    ua = [x for x in rows if x[1] == "user_activity"]
+    assert all(x[3] == "failed" and x[6].startswith("QueryCanceled: statement timeout") for x in ua[:-1])
+    assert ua[-1][3:6] == ("succeeded", len(ua), "retry")
+    assert [(x[1], x[4]) for x in rows if x[1] != "user_activity"] == [("execution_metrics", 1),
+                                                                       ("credit_consumption", 1)]
+    bucket = B.bucket("hourly", H1)
+    assert_same_outputs(conn, clean_outputs(make_db, T0, HOURS, [bucket]))
+    assert_ledger_truthful(conn, [bucket])
+
+
+# ---- 7. a step that fails for good -------------------------------------------------------------------------
+
+def test_a_permanently_failing_step_alerts_once_after_the_last_retry(faulty, conn, make_db, broker, webhook,
+                                                                     tmp_path):
+    url, faults = faulty
+    seed_hours(url, T0, HOURS)
+    faults.fail("user_activity_hourly", "relation \"user_sessions\" does not exist (a broken step)")
+    env = worker_env(broker, url, TALLY_MAX_RETRIES="2", TALLY_RETRY_DELAY="0.5", TALLY_ALERT_WEBHOOK=webhook.url)
+    webhook.posts.clear()
+    w = Worker(env, tmp_path / "worker.log")
+    label = B.bucket("hourly", H1).label
+    try:
+        r = client(env).send_task("tally.hourly_rollup", [label])
+        with pytest.raises(Exception) as failure:
+            r.get(timeout=TIMEOUT)
+        assert r.state == "FAILURE" and "user_activity" in str(failure.value)
+        wait_for(lambda: webhook.posts, 30, "the alert")
+    finally:
+        w.stop()
+    rows = ledger(conn, "hourly", H1)
+    assert [(x[1], x[3], x[4], x[5]) for x in rows] == [
+        ("execution_metrics", "succeeded", 1, "schedule"), ("user_activity", "failed", 1, "schedule"),
+        ("credit_consumption", "succeeded", 1, "schedule"),
+        ("user_activity", "failed", 2, "retry"), ("user_activity", "failed", 3, "retry")]
+    [alert] = webhook.posts  # one alert, on the final failure only
+    assert alert["bucket"] == label and alert["step"] == "user_activity" and alert["attempts"] == 3
+    assert "user_sessions" in alert["text"]
+    assert "failed for good" in w.text()
+    # the steps around the failing one committed exactly what a clean run writes
+    clean = clean_outputs(make_db, T0, HOURS, [B.bucket("hourly", H1)])
+    got = snapshot(conn)
+    for table in ("execution_metrics_hourly", "credit_consumption_hourly"):
+        assert len(got[table]) == len(clean[table]) and got[table] == clean[table], table
+    assert got["user_activity_hourly"] == []
+    assert not [x for x in ledger(conn) if x[3] == "running"]
