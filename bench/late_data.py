@@ -191,12 +191,15 @@ def measure_inserts(url: str, args) -> dict:
     log("")
     log("insert throughput (best round of each mode):")
     for label, modes in results.items():
-        n = args.single_rows if label.startswith("single") else args.rows
+        single = label.startswith("single")
+        n = args.single_rows if single else args.rows
+        statements = n if single else -(-n // args.batch)
         off, on = min(modes["off"]), min(modes["on"])
         log(f"  {label}")
         log(f"      capture off {n / off:10,.0f} rows/s   capture on {n / on:10,.0f} rows/s   "
-            f"on/off time ratio {on / off:.3f} (overhead {100 * (on / off - 1):+.1f} %), "
-            f"{marks[f'{label} on']:,} dirty-log rows written")
+            f"on/off time ratio {on / off:.3f} (overhead {100 * (on / off - 1):+.1f} %)")
+        log(f"      capture costs {1e6 * (on - off) / statements:,.1f} us a statement, "
+            f"{1e6 * (on - off) / n:.2f} us a row; {marks[f'{label} on']:,} dirty-log rows written")
     return results
 
 

@@ -137,10 +137,13 @@ def seed_days(url: str, start: dt.datetime, days: int, per_day: int, seed: int) 
 
 
 def settle(url: str) -> None:
-    """What autovacuum does to freshly loaded tables, done now so it cannot land mid-measurement."""
+    """What autovacuum and the checkpointer do to freshly loaded tables, done now so that it
+    cannot land mid-measurement; then the OS writes back the gigabytes just loaded (a local
+    server's commits would otherwise wait behind that writeback)."""
     with psycopg.connect(url, autocommit=True) as c:
         c.execute("VACUUM (ANALYZE) public.execution_logs, analytics.user_activity")
         c.execute("CHECKPOINT")
+    os.sync()
 
 
 def reset_outputs(url: str) -> None:
@@ -176,6 +179,8 @@ class Clock:
         secs = time.perf_counter() - t0
         if not result.ok or any(s.status != "succeeded" for s in result.steps):
             raise RuntimeError(f"{bucket}: {[(s.step, s.status, s.error) for s in result.steps]}")
+        if result.prepared:  # a timed period run must find its hours ready; say so if it did not
+            log(f"  {bucket}: {len(result.prepared)} hour(s) aggregated first")
         return secs, {s.step: s.seconds for s in result.steps}
 
 
@@ -197,8 +202,8 @@ def period_samples(clock: Clock, url: str, rollup: str, start: dt.datetime, runs
         with psycopg.connect(url, autocommit=True) as c:  # each timed run is a first run
             c.execute(f"DELETE FROM analytics.{table} WHERE {key} = %s", [bucket.start.date()])
         floor = clock.floor(PERIOD_FLOOR, bucket.start, bucket.end)
-        secs, _ = clock.rollup(bucket)
-        out.append({"floor": floor, "time": secs})
+        secs, steps = clock.rollup(bucket)
+        out.append({"floor": floor, "time": secs, "steps": steps})
     return out
 
 
@@ -415,6 +420,7 @@ def main(argv=None) -> int:
                 c.execute("DELETE FROM analytics.aggregation_runs WHERE rollup = 'hourly' AND bucket_start = ANY(%s)", [hours])
                 for t in OUTPUTS[:3]:
                     c.execute(f"DELETE FROM analytics.{t} WHERE hour = ANY(%s)", [hours])
+                    c.execute(f"VACUUM analytics.{t}")  # no dead twin of every key to step over
             after = in_child(_measure_history_child, url, hours, "after", args.runs)
         finally:
             if not args.keep:

@@ -154,7 +154,7 @@ def seed(
                               executions_per_hour=executions_per_hour, events_per_hour=events_per_hour,
                               seed=seed_, progress=lambda done, total: progress.update(task, completed=done))
     out.print(f"seeded {result.executions:,} executions and {result.events:,} events "
-              f"for {result.start:%Y-%m-%dT%H:00Z} .. {result.end:%Y-%m-%dT%H:00Z}"
+              f"for {B.bucket('hourly', result.start).label} .. {B.bucket('hourly', result.end).label}"
               + (f" ({result.executions_skipped:,} executions already present)" if result.executions_skipped else ""))
 
 
@@ -314,7 +314,8 @@ def backfill(
     with bf.ProgressView(err, "backfill") as view, bf.stop_on_signals(job, err):
         job.on_update = view.update
         report = job.run_queued() if queue else job.run()
-    bf.print_report(err if as_json else out, report, f"backfill {start:%Y-%m-%dT%H:00Z} .. {end:%Y-%m-%dT%H:00Z}")
+    bf.print_report(err if as_json else out, report,
+                    f"backfill {B.bucket('hourly', start).label} .. {B.bucket('hourly', end).label}")
     if as_json:
         _emit_json(report.as_dict())
     if report.stopped:
