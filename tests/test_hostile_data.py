@@ -117,8 +117,7 @@ def test_huge_finite_durations(db_url, conn, huge):
     result = hourly_rollup(H)
     failed = [(s.step, s.error) for s in result.steps if s.status != "succeeded"]
     if failed:
-        pytest.xfail(f"duration {huge!r} fails {failed} (step SQL: float8 avg overflows; the lead switches it "
-                     "to sum/count)")
+        pytest.xfail(f"duration {huge!r} fails {failed} (float8 avg() keeps a sum of squares)")
     roll_all()
     check_everything(conn, executions, events)
 

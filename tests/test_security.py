@@ -28,7 +28,7 @@ import pytest
 from psycopg import sql
 
 import reference as ref
-from celery_support import Worker, client, with_db
+from celery_support import Worker, client, free_port, wait_for, with_db
 from outputs import source_rows
 from strategies import insert_events, insert_executions
 from test_correctness import _copy_executions, _heavy_rows, check_hour, check_period
@@ -295,7 +295,8 @@ def test_no_command_leaks_the_database_password(admin_url, roles_made, broker, t
     roles_made.dbs.append(admin_db)
     url = _url_as(admin_url, owner, password, dbname)
     broker_password = f"Br0ker-{uuid.uuid4().hex[:10]}"
-    secrets = {password, urllib.parse.quote(password, safe=""), urllib.parse.quote(password), url, broker_password}
+    secrets = {password, urllib.parse.quote(password, safe=""), urllib.parse.quote(password), url, broker_password,
+               "flowerpw"}
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
     env.update(TALLY_DATABASE_URL=url, TALLY_HOME=str(tmp_path / "home"), TALLY_CATCHUP_DAYS="1",
                TALLY_BROKER_URL=broker["TALLY_BROKER_URL"], TALLY_BROKER_PREFIX=broker["TALLY_BROKER_PREFIX"])
@@ -360,13 +361,26 @@ def test_no_command_leaks_the_database_password(admin_url, roles_made, broker, t
         beat_log = tmp_path / "beat.log"
         beat = subprocess.Popen([TALLY, "beat"], env=env, stdout=beat_log.open("wb"), stderr=subprocess.STDOUT)
         try:
-            from celery_support import wait_for
-
             wait_for(lambda: beat.poll() is not None or "Starting..." in beat_log.read_text(), 60, "beat")
         finally:
             beat.terminate()
             beat.wait(20)
         written.append(beat_log.read_text())
+        flower_log = tmp_path / "flower.log"
+        flower = subprocess.Popen([TALLY, "flower", "--port", str(free_port())],
+                                  env={**env, "TALLY_FLOWER_AUTH": "ops:flowerpw"}, stdout=flower_log.open("wb"),
+                                  stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: flower.poll() is not None or "Visit me at" in flower_log.read_text(), 60, "flower")
+        finally:
+            flower.terminate()
+            try:
+                flower.wait(20)
+            except subprocess.TimeoutExpired:  # Flower may hang in its inspector right after it started
+                flower.kill()
+                flower.wait(20)
+        written.append(flower_log.read_text())
+        codes["flower"] = 0
         # unreachable, missing database, key=value form: exit 3, one line
         gone = _url_as(admin_url, owner, password, "no_such_db_" + uuid.uuid4().hex[:6])
         for argv in (["runs"], ["run", "hourly", "--hour", hour], ["db", "upgrade"], ["seed", "--hours", "1"],
@@ -537,8 +551,6 @@ def test_a_live_attempt_of_another_worker_login_is_never_reaped(roles_db, conn):
     thread = threading.Thread(target=lambda: result.update(r=Runner(roles_db["worker"]).run(B.bucket("hourly", H))))
     thread.start()
     try:
-        from celery_support import wait_for
-
         wait_for(lambda: conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
                                       "AND objid = %s", (gate,)).fetchone()[0], 60, "the step to wait at the gate")
         with psycopg.connect(roles_db["worker2"], autocommit=True) as other:

@@ -20,6 +20,16 @@ from .queries import query
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
+def reap_abandoned(conn: psycopg.Connection) -> int:
+    """Mark 'running' attempts whose process died as failed; return how many.
+
+    A role that may not update the ledger (the read-only dashboard role) only reads it.
+    """
+    if not conn.execute("SELECT has_table_privilege('analytics.aggregation_runs', 'UPDATE')").fetchone()[0]:
+        return 0
+    return len(conn.execute(query("ledger_reap_abandoned")).fetchall())
+
+
 @dataclass
 class Attempt:
     id: int
@@ -71,7 +81,7 @@ class Ledger:
         return {r[0]: r[1] for r in rows}
 
     def reap_abandoned(self) -> int:
-        return len(self._execute("ledger_reap_abandoned", {}).fetchall())
+        return reap_abandoned(self.conn)
 
     def claim_dirty(self, bucket: Bucket) -> None:
         self._execute("dirty_claim", dict(start=bucket.start))

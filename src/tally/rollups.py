@@ -287,8 +287,11 @@ class Runner:
                 msg = describe_error(exc, self.url)
             else:
                 msg = "interrupted before commit; rolled back"
+            where = f"step {current[0].name}" if current is not None else "commit"
             for step, attempt, _, secs in done:
-                why = f"rolled back: the atomic rollup failed at step {current[0].name if current else '?'}"
+                why = f"rolled back: the atomic rollup failed at {where}"
+                if current is None:  # the commit itself failed: its cause belongs on every step
+                    why = f"{why}: {msg}"
                 self.ledger.finish(attempt, "failed", error=why)
                 self._record(result, StepResult(step.name, "failed", error=why, attempt=attempt.attempt, seconds=secs))
             if current is not None:
@@ -296,6 +299,12 @@ class Runner:
                 self.ledger.finish(current[1], status, error=msg)
                 self._record(result, StepResult(current[0].name, status, error=msg, attempt=current[1].attempt,
                                                 seconds=time.monotonic() - t0))
+                # the steps after it never ran: record them, so a retry of the failed steps runs them too
+                for step in steps[steps.index(current[0]) + 1:]:
+                    why = f"not run: the atomic rollup failed at {where}"
+                    attempt = self.ledger.start(result.run_id, bucket, step.name, self.trigger, None, self.task_id)
+                    self.ledger.finish(attempt, "failed", error=why)
+                    self._record(result, StepResult(step.name, "failed", error=why, attempt=attempt.attempt))
             if not isinstance(exc, Exception):
                 raise
             return

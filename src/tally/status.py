@@ -32,6 +32,7 @@ from rich.text import Text
 
 from . import buckets as B
 from .buckets import Bucket
+from .ledger import reap_abandoned  # noqa: F401  (status, runs and backfill reap first)
 from .queries import query
 from .steps import PERIOD_INPUTS, ROLLUP_STEPS, STEPS
 
@@ -47,11 +48,6 @@ MEANING = {
     RUNNING: "in progress",
 }
 FOLD_HOURS = 48  # longer ranges show one row per day, one mark per hour
-
-
-def reap_abandoned(conn: psycopg.Connection) -> int:
-    """Mark 'running' attempts whose process died as failed; return how many."""
-    return len(conn.execute(query("ledger_reap_abandoned")).fetchall())
 
 
 def bucket_states(conn: psycopg.Connection, rollup: str, start: dt.datetime,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 
-import psycopg
 import pytest
 
 from fault_support import (HOUR, UTC, assert_ledger_truthful, assert_no_duplicates, assert_same_outputs,
@@ -72,8 +71,9 @@ def test_connection_killed_mid_step(faulty, make_db, conn, tmp_path, kill, rollu
     [killed] = [r for r in failed if r[1] == killed_step]
     assert "terminat" in killed[6].lower(), killed  # "terminating connection due to administrator command"
     if atomic:  # all or nothing: the step before it was rolled back, the one after never ran
-        assert [(r[1], r[3]) for r in rows] == [("execution_metrics", "failed"), ("user_activity", "failed")]
-        assert rows[0][6].startswith("rolled back")
+        assert [(r[1], r[3]) for r in rows] == [("execution_metrics", "failed"), ("user_activity", "failed"),
+                                                ("credit_consumption", "failed")]
+        assert rows[0][6].startswith("rolled back") and rows[2][6].startswith("not run")
         assert conn.execute("SELECT count(*) FROM analytics.execution_metrics_hourly").fetchone()[0] == 0
     elif rollup == "hourly":  # the other steps committed (before) or ran (after, on a new connection)
         assert {r[1] for r in rows if r[3] == "succeeded"} == {"execution_metrics", "user_activity",
@@ -81,18 +81,17 @@ def test_connection_killed_mid_step(faulty, make_db, conn, tmp_path, kill, rollu
     else:  # the day's hours were aggregated and committed before the period step was killed
         assert all(r[3] == "succeeded" for r in ledger(conn, "hourly"))
 
-    # the retry: only what did not succeed runs, and the result is a clean run's. After --atomic,
-    # the step after the failure never ran (no ledger row, 'missing'): the retry is the same command.
-    retry = run_tally(argv if atomic else ["retry-failed"], tally_env(url))
+    # the retry: only what did not succeed runs (after --atomic: every step, the one that never ran
+    # included, since it is recorded as failed), and the result is a clean run's.
+    retry = run_tally(["retry-failed"], tally_env(url))
     assert retry.returncode == 0, retry.stdout + retry.stderr
     buckets = [B.bucket("hourly", h) for h in hours_of(T0, HOURS)] if rollup == "daily" else [bucket]
     buckets += [bucket] if rollup == "daily" else []
     assert_same_outputs(conn, clean_outputs(make_db, T0, HOURS, buckets))
     assert_no_duplicates(conn, [b.start for b in buckets if b.rollup == "hourly"])
     assert_ledger_truthful(conn, buckets)
-    if not atomic:
-        retried = [r for r in ledger(conn, rollup, bucket.start) if r[5] == "retry"]
-        assert {r[1] for r in retried} == {r[1] for r in failed} and all(r[3] == "succeeded" for r in retried)
+    retried = [r for r in ledger(conn, rollup, bucket.start) if r[5] == "retry"]
+    assert {r[1] for r in retried} == {r[1] for r in failed} and all(r[3] == "succeeded" for r in retried)
 
 
 # ---- 6. a statement timeout -------------------------------------------------------------------------------

@@ -27,7 +27,12 @@ metrics AS (
            coalesce(k.bins, ARRAY[]::int[]) AS bins, coalesce(k.counts, ARRAY[]::bigint[]) AS counts
     FROM per_workspace p
     LEFT JOIN LATERAL (
-        SELECT avg(x) AS avg_runtime,
+        SELECT -- the mean as sum / count: what avg() returns, without avg()'s sum of squares, which
+               -- overflows from 1e154 on; a mean that rounds to 0 (denormal durations) is 0, as in
+               -- avg(), not an underflow error
+               CASE WHEN count(x) = 0 THEN NULL
+                    WHEN sum(x)::numeric / count(x) <= 2.4703282292063e-324 THEN 0::float8
+                    ELSE sum(x) / count(x) END AS avg_runtime,
                percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY x) AS pct,
                count(x) AS runtime_count,
                sum(x) AS runtime_sum
