@@ -20,6 +20,8 @@ Conventions (see /work/shared/SPEC.md):
 
 from __future__ import annotations
 
+import hashlib
+
 import decimal
 import math
 from datetime import datetime, timedelta
@@ -87,8 +89,13 @@ def credits_of(row: dict) -> Decimal:
 
 
 def key_id(value: str | None) -> str:
-    """NULL ids are aggregated under ''."""
-    return "" if value is None else value
+    """NULL ids are aggregated under ''; an id over 400 bytes under its first 100 characters,
+    '…' and its md5 (migration 0004: a btree key cannot hold it)."""
+    if value is None:
+        return ""
+    if len(value.encode()) <= 400:
+        return value
+    return value[:100] + "…" + hashlib.md5(value.encode()).hexdigest()
 
 
 def in_bucket(ts: datetime, start: datetime, end: datetime) -> bool:

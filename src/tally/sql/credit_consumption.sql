@@ -10,9 +10,9 @@ WITH metrics AS (
            count(*) AS executions_count,
            count(*) FILTER (WHERE succeeded) AS successful_executions,
            coalesce(sum(credits) FILTER (WHERE succeeded), 0) AS success_credits
-    FROM (SELECT coalesce(workspace_id, '') AS workspace_id,
-                 coalesce(user_id, '') AS user_id,
-                 coalesce(agent_id, '') AS agent_id,
+    FROM (SELECT analytics.tally_key(workspace_id) AS workspace_id,
+                 analytics.tally_key(user_id) AS user_id,
+                 analytics.tally_key(agent_id) AS agent_id,
                  -- case-insensitive in ASCII, whatever the database's locale
                  lower(status COLLATE "C") IN ('completed', 'success', 'succeeded') AS succeeded,
                  coalesce(credits_used, 0) AS credits

@@ -5,7 +5,7 @@
 -- counts, credits and valid durations; the percentiles and the sketch are then computed one
 -- workspace at a time from its durations (small sorts and hash tables, no global sort).
 WITH per_workspace AS (
-    SELECT coalesce(workspace_id, '') AS workspace_id,      -- a missing id is aggregated under ''
+    SELECT analytics.tally_key(workspace_id) AS workspace_id,  -- NULL -> '' (migration 0004)
            count(*) AS total_executions,
            count(*) FILTER (WHERE status IN ('completed', 'success', 'succeeded')) AS successful_executions,
            count(*) FILTER (WHERE status IN ('failed', 'failure', 'error', 'timeout', 'timed_out')) AS failed_executions,

@@ -7,7 +7,8 @@ WITH cells AS (
     SELECT workspace_id, user_id, session_id, event_type,
            GROUPING(event_type) = 1 AS per_session,  -- a (workspace, user, session) group
            count(*) AS n, min(created_at) AS first_at, max(created_at) AS last_at
-    FROM (SELECT coalesce(workspace_id, '') AS workspace_id, user_id, session_id, event_type, created_at
+    FROM (SELECT analytics.tally_key(workspace_id) AS workspace_id, analytics.tally_key(user_id) AS user_id,
+                 session_id, event_type, created_at
           FROM analytics.user_activity
           WHERE created_at >= %(start)s AND created_at < %(end)s) src
     GROUP BY GROUPING SETS ((workspace_id, user_id, session_id), (workspace_id, user_id, event_type))

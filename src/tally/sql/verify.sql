@@ -11,7 +11,7 @@
 
 -- verify_execution_hourly --
 WITH raw AS (
-    SELECT coalesce(workspace_id, '') AS workspace_id,
+    SELECT analytics.tally_key(workspace_id) AS workspace_id,
            date_trunc('hour', started_at, 'UTC') AS hour,
            lower(status) AS status,
            coalesce(credits_used, 0) AS credits,
@@ -67,7 +67,8 @@ ORDER BY 1, 2, 4;
 
 -- verify_user_activity_hourly --
 WITH raw AS (
-    SELECT coalesce(workspace_id, '') AS workspace_id, user_id, session_id, event_type, created_at,
+    SELECT analytics.tally_key(workspace_id) AS workspace_id, analytics.tally_key(user_id) AS user_id,
+           session_id, event_type, created_at,
            date_trunc('hour', created_at, 'UTC') AS hour
     FROM analytics.user_activity
     WHERE created_at >= %(start)s AND created_at < %(end)s
@@ -136,8 +137,8 @@ ORDER BY 1, 2, 4;
 
 -- verify_credit_consumption_hourly --
 WITH raw AS (
-    SELECT coalesce(workspace_id, '') AS workspace_id, coalesce(user_id, '') AS user_id,
-           coalesce(agent_id, '') AS agent_id,
+    SELECT analytics.tally_key(workspace_id) AS workspace_id, analytics.tally_key(user_id) AS user_id,
+           analytics.tally_key(agent_id) AS agent_id,
            date_trunc('hour', started_at, 'UTC') AS hour,
            lower(status) IN ('completed', 'success', 'succeeded') AS succeeded,
            coalesce(credits_used, 0) AS credits
