@@ -130,7 +130,12 @@ def seed_days(url: str, start: dt.datetime, days: int, per_day: int, seed: int) 
     recv, send = ctx.Pipe(duplex=False)
     p = ctx.Process(target=_seed_child, args=(url, start, 24 * days, per_day, seed, send))
     p.start()
-    executions, events, secs = recv.recv()
+    send.close()  # ours: so that a child that dies ends recv() with EOFError
+    try:
+        executions, events, secs = recv.recv()
+    except EOFError:
+        p.join()
+        raise RuntimeError(f"seeding process failed (exit code {p.exitcode})") from None
     p.join()
     log(f"seeded {executions:,} executions and {events:,} events in {secs:.0f}s")
     settle(url)
@@ -272,6 +277,7 @@ def in_child(target, *args):
     recv, send = ctx.Pipe(duplex=False)
     p = ctx.Process(target=target, args=(*args, send))
     p.start()
+    send.close()  # ours: so that a child that dies ends recv() with EOFError
     try:
         result = recv.recv()
     except EOFError:
