@@ -16,7 +16,7 @@ measures, in a separate process whose peak memory it reports:
 
 and, in one more database at ``--history-scale``, the hourly rollup of the same
 hours when the tables hold 1 day and then ``--history-days`` days, plus the weekly
-and monthly rollups over a full month of data.
+and monthly rollups of that day over that history (4 and 30 days of data).
 
 A floor is a bare ``SELECT workspace_id, count(*), sum(x) … GROUP BY workspace_id``
 over the rows the job must read, through the same time range (see FLOORS), timed
