@@ -7,9 +7,6 @@ A NULL id is aggregated under ''. An id too long for a btree key (PostgreSQL cap
 index row near 2.7 kB, and the hourly keys hold up to three ids) is aggregated under its
 first 100 characters, '…' and its md5: the hour still aggregates, every row is still
 counted, and distinct ids stay distinct. Ids up to 400 bytes are kept as they are.
-
-Revision ID: 0004
-Revises: 0003
 """
 from alembic import op
 
