@@ -19,6 +19,7 @@ from typing import Callable
 
 import psycopg
 from psycopg import errors as pgerrors
+from psycopg import sql
 
 from . import buckets as B
 from .buckets import Bucket
@@ -103,7 +104,11 @@ def describe_error(exc: BaseException, url: str | None = None) -> str:
 # and the planner, seeing a time-ordered table, prefers it. A value None restores the session's
 # own (atomic mode runs several steps in one transaction).
 STEP_SETTINGS: dict[str, dict[str, str | None]] = {
-    "*": {"jit": "off", "work_mem": "64MB", "enable_indexscan": None, "enable_seqscan": None},
+    "*": {"jit": "off", "work_mem": "64MB", "enable_indexscan": None, "enable_seqscan": None,
+          # the hourly reads (CREATE TEMP TABLE ... AS) may run in parallel: cheaper Gather rows let
+          # the planner take a parallel scan for a busy hour; min_parallel_index_scan_size (512 kB of
+          # index) still keeps a quiet hour serial
+          "parallel_setup_cost": "100", "parallel_tuple_cost": "0.001"},
     "user_activity": {"work_mem": "256MB", "enable_indexscan": "off", "enable_seqscan": "off"},
 }
 
@@ -187,7 +192,18 @@ class Runner:
                      [list(tuning), list(tuning.values())])
         params = dict(start=bucket.start, end=bucket.end, bucket=bucket.start.date(),
                       ln_gamma=LN_GAMMA, ln_half_width=LN_HALF_WIDTH)
-        rows, changed, removed = conn.execute(step.statement(), params).fetchone()
+        first_run = False
+        if step.reads_separately:
+            # under the bucket's lock: no other run can add this hour's rows before we commit
+            first_run = not conn.execute(
+                sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE hour = %s)").format(
+                    sql.Identifier("analytics", step.table)), [bucket.start]).fetchone()[0]
+            # a utility statement takes no bound parameters: the bucket's times and the sketch's
+            # constant are quoted client-side (they come from Bucket and steps.py, never from text)
+            with psycopg.ClientCursor(conn) as cur:
+                cur.execute(sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS ").format(sql.Identifier(step.rows_table))
+                            + step.read_statement(), params)
+        rows, changed, removed = conn.execute(step.statement(first_run), params).fetchone()
         return rows, changed, removed
 
     # -- a rollup --------------------------------------------------------------------------

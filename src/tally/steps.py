@@ -5,6 +5,7 @@ Every identifier that reaches SQL comes from this fixed table, never from input.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from psycopg import sql
@@ -20,6 +21,9 @@ LN_GAMMA = math.log(GAMMA)
 LN_HALF_WIDTH = math.log(2 / (1 + GAMMA))  # a bin's value 2*gamma^i/(1+gamma): within ALPHA of all of it
 
 
+_UPSERT = re.compile(r"^ *-- upsert: begin\n.*?^ *-- upsert: end\n", re.MULTILINE | re.DOTALL)
+
+
 @dataclass(frozen=True)
 class Step:
     name: str
@@ -28,9 +32,26 @@ class Step:
     query: str
     key: str | None = None  # the date column of a period table
     source: str = "execution_logs"
+    # An hourly step reads in one statement and writes in another: the read-only query
+    # ``<query>_rows`` is materialized as pg_temp.<query>_rows (CREATE TEMP TABLE ... AS may run
+    # in parallel; an INSERT ... SELECT never does), then ``<query>`` writes from it.
+    reads_separately: bool = False
 
-    def statement(self) -> sql.Composable:
+    @property
+    def rows_table(self) -> str:
+        return f"{self.query}_rows"
+
+    def read_statement(self) -> sql.Composable:
+        """The read-only query of a step that reads separately (parameters: start, end, ln_gamma)."""
+        return sql.SQL(query(self.rows_table).rstrip().rstrip(";"))  # type: ignore[arg-type]
+
+    def statement(self, first_run: bool = False) -> sql.Composable:
+        """The step's write statement. ``first_run``: its bucket has no output rows yet, and the
+        caller holds the bucket's lock, so no key can conflict: the upsert clause is left out
+        (a plain insert skips the speculative insertion an ON CONFLICT insert does per row)."""
         text = query(self.query)
+        if first_run:
+            text = _UPSERT.sub("", text)
         if self.key is None:
             return sql.SQL(text)  # type: ignore[arg-type]
         return sql.SQL(text).format(table=sql.Identifier("analytics", self.table), key=sql.Identifier(self.key))  # type: ignore[arg-type]
@@ -39,9 +60,11 @@ class Step:
 STEPS: dict[str, Step] = {
     s.name: s
     for s in (
-        Step("execution_metrics", "hourly", "execution_metrics_hourly", "execution_metrics"),
-        Step("user_activity", "hourly", "user_activity_hourly", "user_activity", source="user_activity"),
-        Step("credit_consumption", "hourly", "credit_consumption_hourly", "credit_consumption"),
+        Step("execution_metrics", "hourly", "execution_metrics_hourly", "execution_metrics", reads_separately=True),
+        Step("user_activity", "hourly", "user_activity_hourly", "user_activity", source="user_activity",
+             reads_separately=True),
+        Step("credit_consumption", "hourly", "credit_consumption_hourly", "credit_consumption",
+             reads_separately=True),
         Step("daily_metrics", "daily", "execution_metrics_daily", "period_metrics", key="date"),
         Step("weekly_metrics", "weekly", "execution_metrics_weekly", "period_metrics", key="week_start"),
         Step("monthly_metrics", "monthly", "execution_metrics_monthly", "period_metrics", key="month"),

@@ -1,26 +1,32 @@
+-- credit_consumption_rows --
+-- One hour of public.execution_logs, aggregated by workspace, user and agent: the rows
+-- credit_consumption writes. Parameters: start, end. A read-only query, so PostgreSQL may
+-- run it in parallel: the Runner materializes it as pg_temp.credit_consumption_rows
+-- (CREATE TEMP TABLE ... AS, which may use a parallel plan; an INSERT ... SELECT may not).
+-- Shape (docs/PERFORMANCE.md): one hashed pass over the hour's rows.
+SELECT workspace_id, user_id, agent_id,
+       sum(credits) AS total_credits,
+       max(credits) AS peak_credits_per_execution,
+       count(*) AS executions_count,
+       count(*) FILTER (WHERE succeeded) AS successful_executions,
+       coalesce(sum(credits) FILTER (WHERE succeeded), 0) AS success_credits
+FROM (SELECT analytics.tally_key(workspace_id) AS workspace_id,
+             analytics.tally_key(user_id) AS user_id,
+             analytics.tally_key(agent_id) AS agent_id,
+             -- case-insensitive in ASCII, whatever the database's locale
+             lower(status COLLATE "C") IN ('completed', 'success', 'succeeded') AS succeeded,
+             coalesce(credits_used, 0) AS credits
+      FROM public.execution_logs
+      WHERE started_at >= %(start)s AND started_at < %(end)s
+      OFFSET 0) r  -- a fence: lower() runs once per row, not once per FILTER
+GROUP BY 1, 2, 3;
+
 -- credit_consumption --
--- One hour of public.execution_logs -> analytics.credit_consumption_hourly,
--- keyed by workspace, user and agent. Parameters: start, end.
--- Shape (docs/PERFORMANCE.md): one hashed pass over the hour's rows; the keys are then written
--- in key order, so they append to the (hour, workspace, user, agent) key (migration 0003).
-WITH metrics AS (
-    SELECT workspace_id, user_id, agent_id,
-           sum(credits) AS total_credits,
-           max(credits) AS peak_credits_per_execution,
-           count(*) AS executions_count,
-           count(*) FILTER (WHERE succeeded) AS successful_executions,
-           coalesce(sum(credits) FILTER (WHERE succeeded), 0) AS success_credits
-    FROM (SELECT analytics.tally_key(workspace_id) AS workspace_id,
-                 analytics.tally_key(user_id) AS user_id,
-                 analytics.tally_key(agent_id) AS agent_id,
-                 -- case-insensitive in ASCII, whatever the database's locale
-                 lower(status COLLATE "C") IN ('completed', 'success', 'succeeded') AS succeeded,
-                 coalesce(credits_used, 0) AS credits
-          FROM public.execution_logs
-          WHERE started_at >= %(start)s AND started_at < %(end)s
-          OFFSET 0) r  -- a fence: lower() runs once per row, not once per FILTER
-    GROUP BY 1, 2, 3
-),
+-- pg_temp.credit_consumption_rows -> analytics.credit_consumption_hourly, keyed by workspace,
+-- user and agent. Parameters: start. The keys are written in key order, so they append to the
+-- (hour, workspace, user, agent) key (migration 0003). On an hour with no rows yet the Runner
+-- drops the upsert clause (see Step.statement): a plain insert costs less per row.
+WITH metrics AS (SELECT * FROM pg_temp.credit_consumption_rows),
 written AS (
     INSERT INTO analytics.credit_consumption_hourly AS t (
         workspace_id, user_id, agent_id, hour, total_credits, avg_credits_per_execution,
@@ -31,6 +37,7 @@ written AS (
            CASE WHEN successful_executions = 0 THEN 0 ELSE success_credits / successful_executions END
     FROM metrics
     ORDER BY workspace_id, user_id, agent_id
+    -- upsert: begin
     ON CONFLICT (workspace_id, user_id, agent_id, hour) DO UPDATE SET
         total_credits = EXCLUDED.total_credits,
         avg_credits_per_execution = EXCLUDED.avg_credits_per_execution,
@@ -44,6 +51,7 @@ written AS (
           IS DISTINCT FROM
           (EXCLUDED.total_credits, EXCLUDED.avg_credits_per_execution, EXCLUDED.peak_credits_per_execution,
            EXCLUDED.executions_count, EXCLUDED.successful_executions, EXCLUDED.credits_per_success)
+    -- upsert: end
     RETURNING 1
 ),
 removed AS (

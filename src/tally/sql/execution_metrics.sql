@@ -1,6 +1,9 @@
--- execution_metrics --
--- One hour of public.execution_logs -> analytics.execution_metrics_hourly, keyed by workspace.
+-- execution_metrics_rows --
+-- One hour of public.execution_logs, aggregated by workspace: the rows execution_metrics writes.
 -- Parameters: start, end (the hour, half-open), ln_gamma (the sketch's bin width).
+-- A read-only query, so PostgreSQL may run it in parallel: the Runner materializes it as
+-- pg_temp.execution_metrics_rows (CREATE TEMP TABLE ... AS may use a parallel plan; an
+-- INSERT ... SELECT may not).
 -- Shape (docs/PERFORMANCE.md): one hashed pass over the hour's rows collects each workspace's
 -- counts, credits and valid durations; the percentiles and the sketch are then computed one
 -- workspace at a time from its durations (small sorts and hash tables, no global sort).
@@ -16,8 +19,9 @@ WITH per_workspace AS (
                  -- case-insensitive in ASCII, whatever the database's locale
                  lower(status COLLATE "C") AS status
           FROM public.execution_logs
-          WHERE started_at >= %(start)s AND started_at < %(end)s
-          OFFSET 0) r  -- a fence: lower() runs once per row, not once per FILTER
+          WHERE started_at >= %(start)s AND started_at < %(end)s) r
+    -- no OFFSET 0 fence here (credit_consumption has one): lower() then runs once per FILTER,
+    -- but the aggregation can be split across parallel workers (a fence keeps it in the leader)
     GROUP BY 1
 ),
 metrics AS (
@@ -46,7 +50,14 @@ metrics AS (
               FROM (SELECT unnest(p.runtimes) AS x) u
               GROUP BY 1) b
     ) k ON true
-),
+)
+SELECT * FROM metrics;
+
+-- execution_metrics --
+-- pg_temp.execution_metrics_rows -> analytics.execution_metrics_hourly, keyed by workspace.
+-- Parameters: start. On an hour with no rows yet the Runner drops the upsert clause
+-- (Step.statement): a plain insert costs less per row than a speculative one.
+WITH metrics AS (SELECT * FROM pg_temp.execution_metrics_rows),
 written AS (
     INSERT INTO analytics.execution_metrics_hourly AS t (
         workspace_id, hour, total_executions, successful_executions, failed_executions,
@@ -56,6 +67,7 @@ written AS (
            m.avg_runtime, m.pct[1], m.pct[2], m.pct[3], m.total_credits, m.total_credits / m.total_executions,
            m.runtime_count, m.runtime_sum, m.bins, m.counts
     FROM metrics m
+    -- upsert: begin
     ON CONFLICT (workspace_id, hour) DO UPDATE SET
         total_executions = EXCLUDED.total_executions,
         successful_executions = EXCLUDED.successful_executions,
@@ -80,6 +92,7 @@ written AS (
            EXCLUDED.p50_runtime, EXCLUDED.p95_runtime, EXCLUDED.p99_runtime, EXCLUDED.total_credits,
            EXCLUDED.avg_credits_per_run, EXCLUDED.runtime_count, EXCLUDED.runtime_sum,
            EXCLUDED.runtime_sketch_bins, EXCLUDED.runtime_sketch_counts)
+    -- upsert: end
     RETURNING 1
 ),
 removed AS (

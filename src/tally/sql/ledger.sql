@@ -54,7 +54,10 @@ WHERE d.hour = %(start)s AND d.claimed_at IS NOT NULL
 -- hours_to_prepare --
 -- Hours inside a period whose inputs to the period step are not ready: dirty (changed since
 -- aggregated), or not aggregated / failed while they have executions or output rows.
-WITH hours AS (
+-- The hours holding output rows come from one skip scan of each output table's hour-first
+-- key (one index probe per hour present): a per-hour EXISTS let PostgreSQL choose a
+-- sequential scan of the whole table for every hour never aggregated (docs/PERFORMANCE.md).
+WITH RECURSIVE hours AS (
     SELECT h FROM generate_series(%(start)s::timestamptz, %(end)s::timestamptz - interval '1 hour', interval '1 hour') AS h
 ),
 latest AS (
@@ -69,14 +72,34 @@ ready AS (
 ),
 dirty AS (
     SELECT DISTINCT hour FROM analytics.dirty_log WHERE hour >= %(start)s AND hour < %(end)s
+),
+metrics_hours(h) AS (
+    (SELECT hour FROM analytics.execution_metrics_hourly
+     WHERE hour >= %(start)s AND hour < %(end)s ORDER BY hour LIMIT 1)
+    UNION ALL
+    SELECT (SELECT m.hour FROM analytics.execution_metrics_hourly m
+            WHERE m.hour > p.h AND m.hour < %(end)s ORDER BY m.hour LIMIT 1)
+    FROM metrics_hours p WHERE p.h IS NOT NULL
+),
+credit_hours(h) AS (
+    (SELECT hour FROM analytics.credit_consumption_hourly
+     WHERE hour >= %(start)s AND hour < %(end)s ORDER BY hour LIMIT 1)
+    UNION ALL
+    SELECT (SELECT c.hour FROM analytics.credit_consumption_hourly c
+            WHERE c.hour > p.h AND c.hour < %(end)s ORDER BY c.hour LIMIT 1)
+    FROM credit_hours p WHERE p.h IS NOT NULL
+),
+with_output AS (
+    SELECT h FROM metrics_hours WHERE h IS NOT NULL
+    UNION
+    SELECT h FROM credit_hours WHERE h IS NOT NULL
 )
 SELECT hours.h AS hour, (hours.h IN (SELECT hour FROM dirty)) AS dirty
 FROM hours
 WHERE hours.h IN (SELECT hour FROM dirty)
    OR (hours.h NOT IN (SELECT bucket_start FROM ready)
        -- an hour never aggregated with no executions has nothing to contribute: not work
-       AND (EXISTS (SELECT 1 FROM public.execution_logs e
-                    WHERE e.started_at >= hours.h AND e.started_at < hours.h + interval '1 hour')
-            OR EXISTS (SELECT 1 FROM analytics.execution_metrics_hourly m WHERE m.hour = hours.h)
-            OR EXISTS (SELECT 1 FROM analytics.credit_consumption_hourly c WHERE c.hour = hours.h)))
+       AND (hours.h IN (SELECT h FROM with_output)
+            OR EXISTS (SELECT 1 FROM public.execution_logs e
+                       WHERE e.started_at >= hours.h AND e.started_at < hours.h + interval '1 hour')))
 ORDER BY 1;

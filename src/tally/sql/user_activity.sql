@@ -1,6 +1,6 @@
--- user_activity --
--- One hour of analytics.user_activity -> analytics.user_activity_hourly, keyed by workspace and user.
--- Parameters: start, end.
+-- user_activity_rows --
+-- One hour of analytics.user_activity, aggregated by workspace and user: the rows
+-- user_activity writes. Parameters: start, end. A read-only query (see execution_metrics_rows).
 -- Shape (docs/PERFORMANCE.md): one hashed pass over the raw events fills two groupings at once
 -- (grouping sets): per session, and per event type; everything else works on those groups.
 WITH cells AS (
@@ -32,7 +32,13 @@ metrics AS (
                      AS active_duration_seconds
           FROM cells
           GROUP BY workspace_id, user_id) u
-),
+)
+SELECT * FROM metrics;
+
+-- user_activity --
+-- pg_temp.user_activity_rows -> analytics.user_activity_hourly, keyed by workspace and user.
+-- Parameters: start. On an hour with no rows yet the Runner drops the upsert clause.
+WITH metrics AS (SELECT * FROM pg_temp.user_activity_rows),
 written AS (
     INSERT INTO analytics.user_activity_hourly AS t (
         workspace_id, user_id, hour, total_events, page_views, unique_sessions, event_type_counts,
@@ -41,6 +47,7 @@ written AS (
            active_duration_seconds, avg_session_duration
     FROM metrics
     ORDER BY workspace_id, user_id  -- key order: appends to the (hour, workspace, user) key
+    -- upsert: begin
     ON CONFLICT (workspace_id, user_id, hour) DO UPDATE SET
         total_events = EXCLUDED.total_events,
         page_views = EXCLUDED.page_views,
@@ -54,6 +61,7 @@ written AS (
           IS DISTINCT FROM
           (EXCLUDED.total_events, EXCLUDED.page_views, EXCLUDED.unique_sessions, EXCLUDED.event_type_counts,
            EXCLUDED.active_duration_seconds, EXCLUDED.avg_session_duration)
+    -- upsert: end
     RETURNING 1
 ),
 removed AS (
