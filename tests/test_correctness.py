@@ -13,6 +13,7 @@ import reference as ref
 from outputs import read, snapshot, source_rows
 from strategies import activity_events, execution_rows, insert_events, insert_executions
 from tally import daily_rollup, hourly_rollup, monthly_rollup, weekly_rollup
+from tally.seed import seed
 
 UTC = dt.timezone.utc
 HOUR = dt.timedelta(hours=1)
@@ -162,3 +163,30 @@ def test_sketch_bin_of_a_single_value_is_within_half_a_percent(db_url, conn, val
     assert daily_rollup(hour.replace(hour=0)).ok
     p50, p99 = conn.execute("SELECT p50_runtime, p99_runtime FROM analytics.execution_metrics_daily").fetchone()
     assert p50 == pytest.approx(value, rel=0.005, abs=0) and p99 == p50
+
+
+def test_first_run_insert_and_rerun_upsert_write_the_same_rows(db_url, conn):
+    """An hour with no output rows is written with a plain INSERT (Step.statement(first_run=True));
+    an hour with rows goes through the upsert. Both must leave exactly the same rows."""
+    from tally.steps import STEPS
+    for name in ("execution_metrics", "user_activity", "credit_consumption"):
+        plain, upsert = STEPS[name].statement(True).as_string(None), STEPS[name].statement().as_string(None)
+        assert "ON CONFLICT" in upsert and "ON CONFLICT" not in plain and "INSERT INTO" in plain, name
+    rng = random.Random(11)
+    hour = dt.datetime(2026, 11, 24, 7, tzinfo=UTC)
+    _copy_executions(conn, _heavy_rows(400, hour, 1, workspaces=["w1", "w2", "w3", None], rng=rng))
+    seed(conn, start=hour, hours=1, workspaces=3, executions_per_hour=0, events_per_hour=300, seed=5)
+    first = hourly_rollup(hour)
+    assert first.ok and all(s.changed == s.rows and s.rows > 0 for s in first.steps), first.steps
+    clean = snapshot(conn)
+    # wrong values in every row and a stale key in every table: the upsert path must repair all of it
+    conn.execute("UPDATE analytics.execution_metrics_hourly SET total_executions = 0, p50_runtime = -1")
+    conn.execute("UPDATE analytics.user_activity_hourly SET total_events = 0, event_type_counts = '{}'")
+    conn.execute("UPDATE analytics.credit_consumption_hourly SET total_credits = -1, executions_count = 0")
+    conn.execute("INSERT INTO analytics.execution_metrics_hourly (workspace_id, hour, total_executions, "
+                 "successful_executions, failed_executions, total_credits, avg_credits_per_run) "
+                 "VALUES ('stale', %s, 1, 0, 0, 0, 0)", [hour])
+    again = hourly_rollup(hour)
+    assert again.ok and all(s.changed == s.rows for s in again.steps), again.steps
+    assert again.steps[0].removed == 1
+    assert snapshot(conn) == clean

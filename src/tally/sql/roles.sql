@@ -12,6 +12,8 @@ CREATE ROLE {role} NOLOGIN;
 -- owns in analytics. Privileges on tally's objects are reset first, so running this again
 -- converges to exactly this list; the role's rights on any other object are left alone.
 -- The ledger is append-and-finish only (no DELETE): a worker cannot erase its history.
+-- The hourly steps also create session-private temporary tables: TEMPORARY on the database,
+-- which PUBLIC holds by default (docs/SECURITY.md).
 REVOKE ALL ON public.execution_logs, analytics.user_activity,
     analytics.execution_metrics_hourly, analytics.user_activity_hourly, analytics.credit_consumption_hourly,
     analytics.execution_metrics_daily, analytics.execution_metrics_weekly, analytics.execution_metrics_monthly,
