@@ -15,6 +15,8 @@ from decimal import Decimal
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
 
 import reference as ref
 from outputs import source_rows
@@ -291,3 +293,33 @@ def test_hostile_statuses_and_event_types(db_url, conn):
     executions, events = load(conn, rows, events)
     roll_all()
     check_everything(conn, executions, events)
+
+
+# Durations that stress percentile interpolation: zeros of both signs, denormals (whose
+# differences cannot be scaled without an SQL underflow error), neighbours one ulp apart, huge
+# values, ties.
+INTERPOLATION_DURATIONS = [0.0, -0.0, 5e-324, 1e-323, 2.2250738585072014e-308, 1e-300, 1e-9, 0.1,
+                           math.nextafter(0.1, 1), 1.0, 1.0, 3.0, 3600.0, 1e154, 1e300, 1.7e308]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(durations=st.lists(st.one_of(st.sampled_from(INTERPOLATION_DURATIONS),
+                                    st.floats(min_value=0, max_value=1e6, allow_nan=False)),
+                          min_size=1, max_size=60))
+@example(durations=[0.0, 5e-324])  # p50 = 0 + 0.5 * 5e-324: rounds to 0, an underflow error in SQL
+@example(durations=[5e-324, 1e-323, 0.0, 2.2250738585072014e-308, 1.0, 1.0, 1.7e308])
+@example(durations=[-0.0, 0.0, 0.0, 1e-9])
+def test_hourly_percentiles_equal_postgres_percentile_cont_to_the_bit(make_db, monkeypatch, durations):
+    """The hourly step computes p50/p95/p99 from the sorted durations with percentile_cont's own
+    arithmetic (execution_metrics.sql); they must equal PostgreSQL's percentile_cont exactly."""
+    assume(sum(durations) < math.inf)  # a float8 sum that overflows fails the hour (the xfail above)
+    url = make_db()
+    monkeypatch.setenv("TALLY_DATABASE_URL", url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        load(conn, [execution(i, duration=d) for i, d in enumerate(durations)])
+        assert hourly_rollup(H, steps=["execution_metrics"]).ok
+        mine = conn.execute("SELECT ARRAY[p50_runtime, p95_runtime, p99_runtime] "
+                            "FROM analytics.execution_metrics_hourly").fetchone()[0]
+        theirs = conn.execute("SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY duration) "
+                              "FROM public.execution_logs").fetchone()[0]
+    assert mine == theirs, (durations, mine, theirs)  # float ==: bit for bit, except that -0.0 == 0.0

@@ -26,10 +26,15 @@ WITH per_workspace AS (
 ),
 metrics AS (
     SELECT p.workspace_id, p.total_executions, p.successful_executions, p.failed_executions, p.total_credits,
-           d.avg_runtime, d.pct, coalesce(d.runtime_count, 0) AS runtime_count,
+           d.avg_runtime, e.pct, coalesce(d.runtime_count, 0) AS runtime_count,
            coalesce(d.runtime_sum, 0) AS runtime_sum,
            coalesce(k.bins, ARRAY[]::int[]) AS bins, coalesce(k.counts, ARRAY[]::bigint[]) AS counts
     FROM per_workspace p
+    -- The workspace's valid durations in ascending order, sorted once for the percentiles and the
+    -- sum. Parallel workers collect them in no fixed order, and a float sum depends on the order
+    -- of its terms: summed in sorted order, the same rows give the same bits on every run, so a
+    -- rerun changes nothing (tests/test_correctness.py).
+    LEFT JOIN LATERAL (SELECT array_agg(x ORDER BY x) AS xs FROM (SELECT unnest(p.runtimes) AS x) u) s ON true
     LEFT JOIN LATERAL (
         SELECT -- the mean as sum / count: what avg() returns, without avg()'s sum of squares, which
                -- overflows from 1e154 on; a mean that rounds to 0 (denormal durations) is 0, as in
@@ -37,11 +42,24 @@ metrics AS (
                CASE WHEN count(x) = 0 THEN NULL
                     WHEN sum(x)::numeric / count(x) <= 2.4703282292063e-324 THEN 0::float8
                     ELSE sum(x) / count(x) END AS avg_runtime,
-               percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY x) AS pct,
                count(x) AS runtime_count,
                sum(x) AS runtime_sum
-        FROM (SELECT unnest(p.runtimes) AS x) u
+        FROM (SELECT unnest(s.xs) AS x) u
     ) d ON true
+    -- percentile_cont(q) over the sorted durations, by PostgreSQL's own arithmetic
+    -- (percentile_cont_final_common, float8_lerp): r = q * (n - 1); lo, hi = the floor(r)-th and
+    -- ceil(r)-th values; lo + (r - floor(r)) * (hi - lo). A difference too small to scale without
+    -- an underflow error (denormal durations) is left to percentile_cont itself.
+    LEFT JOIN LATERAL (
+        SELECT array_agg(CASE WHEN hi = lo THEN lo
+                              WHEN hi - lo >= 1e-290 THEN lo + (r - floor(r)) * (hi - lo)
+                              ELSE (SELECT percentile_cont(q) WITHIN GROUP (ORDER BY x)
+                                    FROM (SELECT unnest(s.xs) AS x) v) END ORDER BY ord) AS pct
+        FROM (SELECT q, ord, r, s.xs[floor(r)::int + 1] AS lo, s.xs[ceil(r)::int + 1] AS hi
+              FROM (SELECT q, ord, q * (cardinality(s.xs) - 1)::float8 AS r
+                    FROM unnest(ARRAY[0.5, 0.95, 0.99]::float8[]) WITH ORDINALITY AS t(q, ord)) t) c
+        WHERE cardinality(s.xs) > 0
+    ) e ON true
     -- The mergeable sketch: logarithmic bins ceil(ln(x) / ln(gamma)); exact zeros get their own bin.
     LEFT JOIN LATERAL (
         SELECT array_agg(bin ORDER BY bin) AS bins, array_agg(n ORDER BY bin) AS counts
