@@ -14,7 +14,9 @@ WITH totals AS (
            sum(failed_executions)::bigint AS failed_executions,
            sum(total_credits) AS total_credits,
            sum(runtime_count)::bigint AS runtime_count,
-           sum(runtime_sum) AS runtime_sum
+           -- in hour order: a float sum depends on the order of its terms, and the hourly rows'
+           -- physical order depends on which worker wrote which hour first
+           sum(runtime_sum ORDER BY hour) AS runtime_sum
     FROM analytics.execution_metrics_hourly
     WHERE hour >= %(start)s AND hour < %(end)s
     GROUP BY workspace_id
