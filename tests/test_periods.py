@@ -256,3 +256,35 @@ def test_default_week_and_month_are_the_last_complete_ones(db_url, conn):
                        "WHERE rollup IN ('weekly', 'monthly') ORDER BY id").fetchall()
     assert [(b.rollup, b.start, b.end) for b in before] == got or [(b.rollup, b.start, b.end) for b in after] == got
     assert got[0][1].weekday() == 0 and got[1][1].day == 1
+
+
+def test_a_period_is_the_same_to_the_bit_whatever_order_its_hours_were_written_in(make_db, monkeypatch):
+    """Backfill workers write hours in any order; the day's float sums (avg_runtime) must not
+    depend on the physical order of the hourly rows. Float addition is not associative:
+    1 + 1 + 1e16 = 10000000000000002 but 1e16 + 1 + 1 = 1e16."""
+    import psycopg
+
+    from outputs import snapshot
+    from tally import hourly_rollup
+    day = dt.datetime(2026, 11, 23, tzinfo=dt.timezone.utc)
+    durations = {0: 1.0, 1: 1.0, 2: 1e16, 3: 1.0, 4: 1.0}
+    hours = [day + h * HOUR for h in durations]
+    results = []
+    for order in (hours, hours[::-1], [hours[2], hours[4], hours[0], hours[3], hours[1]]):
+        url = make_db()
+        monkeypatch.setenv("TALLY_DATABASE_URL", url)
+        with psycopg.connect(url) as conn:
+            # read the hourly rows in their physical order, as a bitmap or sequential scan does
+            conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET enable_indexscan = off')
+            for h, d in durations.items():
+                conn.execute("INSERT INTO public.execution_logs (execution_id, workspace_id, user_id, agent_id, "
+                             "status, started_at, duration) VALUES (%s, 'w', 'u', 'a', 'completed', %s, %s)",
+                             [f"x{h}", day + h * HOUR + dt.timedelta(minutes=5), d])
+        for hour in order:
+            assert hourly_rollup(hour, steps=["execution_metrics", "credit_consumption"]).ok
+        assert daily_rollup(day).ok
+        with psycopg.connect(url) as conn:
+            results.append(snapshot(conn)["execution_metrics_daily"])
+    assert results[0] == results[1] == results[2]
+    # and the sum is the one in hour order
+    assert results[0][0][5] == (1.0 + 1.0 + 1e16 + 1.0 + 1.0) / 5, results[0]
