@@ -88,7 +88,7 @@ def _static(node, local: dict, consts: set[str]) -> bool:
         return bool(values) and all(_static(v, local, consts) for v in values)
     if isinstance(node, ast.Call):
         f = node.func
-        if isinstance(f, ast.Name) and f.id in ("query", "_for"):  # named queries from sql/*.sql
+        if isinstance(f, ast.Name) and f.id in ("query", "_for", "_temporary"):  # named queries from sql/*.sql
             return True
         if isinstance(f, ast.Attribute) and f.attr in ("statement", "read_statement") and all(
                 isinstance(a, (ast.Name, ast.Constant)) for a in node.args):
@@ -144,9 +144,10 @@ def test_the_static_check_catches_sql_built_from_input():
 
 
 def test_named_queries_splice_only_registry_identifiers():
-    """The only {placeholders} in sql/*.sql are identifiers from the step registry or a quoted role."""
+    """The only {placeholders} in sql/*.sql are identifiers from the step registry, a quoted role, or
+    the quoted name of the database tally is connected to (roles_worker_temporary)."""
     found = {name: set(re.findall(r"\{([a-z_]+)\}", text)) for name, text in queries.all_queries().items()}
-    assert {p for ps in found.values() for p in ps} <= {"table", "key", "role"}, found
+    assert {p for ps in found.values() for p in ps} <= {"table", "key", "role", "database"}, found
     assert all(n.startswith(("period_metrics", "verify_period", "roles_")) for n, ps in found.items() if ps), found
 
 
@@ -470,6 +471,9 @@ def roles_db(db_url, conn, roles_made, admin_url):
 
 
 def test_worker_role_runs_every_job_and_cannot_write_the_source(roles_db, conn, monkeypatch):
+    # a hardened database: PUBLIC may not create temporary tables; the worker role still may
+    # (`tally db roles` grants it TEMPORARY for the hourly steps' reads)
+    conn.execute(sql.SQL("REVOKE TEMPORARY ON DATABASE {} FROM PUBLIC").format(sql.Identifier(conn.info.dbname)))
     monkeypatch.setenv("TALLY_DATABASE_URL", roles_db["worker"])
     monkeypatch.setenv("TALLY_CATCHUP_DAYS", "0")
     for argv in (["run", "hourly", "--hour", "2026-11-25T01:00Z"], ["run", "daily", "--date", "2026-11-25"],

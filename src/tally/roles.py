@@ -71,10 +71,16 @@ def _for(role: str, name: str) -> sql.Composed:
     return sql.SQL(query(name)).format(role=sql.Identifier(role))  # type: ignore[arg-type]
 
 
+def _temporary(role: str, database: sql.Composable) -> sql.Composed:
+    """GRANT TEMPORARY ON DATABASE to the worker role (sql/roles.sql)."""
+    return sql.SQL(query("roles_worker_temporary")).format(database=database, role=sql.Identifier(role))  # type: ignore[arg-type]
+
+
 def render(p: RolesPlan) -> str:
     """The SQL of a plan, as a DBA would review it."""
     parts = [f"-- if absent:\n{_for(role, 'roles_create').as_string(None)}" for role in (p.worker, p.dashboard)]
     parts += [_for(role, name).as_string(None) for role, name in p.grants]
+    parts.append(_temporary(p.worker, sql.SQL("<the database tally uses>")).as_string(None))  # type: ignore[arg-type]
     parts.append(query("roles_source_writers"))
     return "\n\n".join(parts)
 
@@ -92,9 +98,11 @@ def apply(url: str, p: RolesPlan) -> list[str]:
                     done.append(f"{what} role {role}: created (NOLOGIN; log in as a member of it)")
             for role, name in p.grants:
                 conn.execute(_for(role, name))
+            conn.execute(_temporary(p.worker, sql.Identifier(conn.info.dbname)))
             conn.execute(query("roles_source_writers"))
     done.append(f"{p.worker}: reads public.execution_logs, analytics.user_activity; writes the output tables, "
                 "analytics.aggregation_runs (insert, update) and analytics.dirty_log (update, delete)")
+    done.append(f"{p.worker}: TEMPORARY on this database (the hourly steps' temporary tables)")
     done.append(f"{p.dashboard}: reads the output tables, analytics.aggregation_runs and analytics.dirty_log; "
                 "writes nothing")
     done.append("analytics.tally_mark_dirty(): SECURITY DEFINER, so source writers need no rights on analytics")

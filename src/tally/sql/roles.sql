@@ -12,8 +12,7 @@ CREATE ROLE {role} NOLOGIN;
 -- owns in analytics. Privileges on tally's objects are reset first, so running this again
 -- converges to exactly this list; the role's rights on any other object are left alone.
 -- The ledger is append-and-finish only (no DELETE): a worker cannot erase its history.
--- The hourly steps also create session-private temporary tables: TEMPORARY on the database,
--- which PUBLIC holds by default (docs/SECURITY.md).
+-- (TEMPORARY on the database, for the hourly steps' temporary tables: roles_worker_temporary.)
 REVOKE ALL ON public.execution_logs, analytics.user_activity,
     analytics.execution_metrics_hourly, analytics.user_activity_hourly, analytics.credit_consumption_hourly,
     analytics.execution_metrics_daily, analytics.execution_metrics_weekly, analytics.execution_metrics_monthly,
@@ -29,6 +28,12 @@ GRANT SELECT, INSERT, UPDATE ON analytics.aggregation_runs TO {role};
 GRANT SELECT ON analytics.aggregation_latest TO {role};
 -- a rollup claims its hour's change marks (UPDATE) and clears them once read (DELETE)
 GRANT SELECT, UPDATE, DELETE ON analytics.dirty_log TO {role};
+
+-- roles_worker_temporary --
+-- The hourly steps read into session-private temporary tables, dropped at each step's commit
+-- (docs/PERFORMANCE.md, tuning #10): TEMPORARY on tally's database. PUBLIC holds it by default;
+-- granted here too, so a DBA may revoke it from PUBLIC.
+GRANT TEMPORARY ON DATABASE {database} TO {role};
 
 -- roles_dashboard --
 -- A read-only role for dashboards and people: the output tables, the ledger and the change
