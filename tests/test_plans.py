@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from conftest import _with_db
 from tally import buckets as B
 from tally.rollups import Runner, step_settings
 from tally.seed import seed
@@ -26,11 +27,6 @@ HOUR = dt.timedelta(hours=1)
 SOURCES = {"execution_logs": "started_at", "user_activity": "created_at"}
 HOURLY_TABLES = ("execution_metrics_hourly", "credit_consumption_hourly", "user_activity_hourly")
 HISTORY_COPIES = 20  # the 72 aggregated hours copied 20 times, 3 days apart: 60 days of hourly rows
-
-
-def _with_db(url: str, name: str) -> str:
-    base, _, query = url.partition("?")
-    return f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +78,7 @@ def plan(url: str, step_name: str, start: dt.datetime) -> dict:
             plans.append(conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + step.read_statement(),
                                       params).fetchone()[0][0]["Plan"])
             with psycopg.ClientCursor(conn) as cur:
-                cur.execute(sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS ").format(sql.Identifier(step.rows_table))
-                            + step.read_statement(), params)
+                cur.execute(step.materialize_statement(), params)
         for first_run in (False, True) if step.reads_separately else (False,):
             plans.append(conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + step.statement(first_run),
                                       params).fetchone()[0][0]["Plan"])

@@ -90,9 +90,9 @@ def _static(node, local: dict, consts: set[str]) -> bool:
         f = node.func
         if isinstance(f, ast.Name) and f.id in ("query", "_for", "_temporary"):  # named queries from sql/*.sql
             return True
-        if isinstance(f, ast.Attribute) and f.attr in ("statement", "read_statement") and all(
+        if isinstance(f, ast.Attribute) and f.attr in ("statement", "read_statement", "materialize_statement") and all(
                 isinstance(a, (ast.Name, ast.Constant)) for a in node.args):
-            # Step.statement([first_run]) / Step.read_statement(): the registry's SQL files (a flag
+            # Step.statement([first_run]) / read_statement() / materialize_statement(): the registry's SQL files (a flag
             # only picks a variant of the file's text)
             return True
         if isinstance(f, ast.Attribute) and f.attr == "SQL":  # sql.SQL(<static>)

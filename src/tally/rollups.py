@@ -201,8 +201,7 @@ class Runner:
             # a utility statement takes no bound parameters: the bucket's times and the sketch's
             # constant are quoted client-side (they come from Bucket and steps.py, never from text)
             with psycopg.ClientCursor(conn) as cur:
-                cur.execute(sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS ").format(sql.Identifier(step.rows_table))
-                            + step.read_statement(), params)
+                cur.execute(step.materialize_statement(), params)
         rows, changed, removed = conn.execute(step.statement(first_run), params).fetchone()
         return rows, changed, removed
 

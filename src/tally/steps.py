@@ -45,6 +45,12 @@ class Step:
         """The read-only query of a step that reads separately (parameters: start, end, ln_gamma)."""
         return sql.SQL(query(self.rows_table).rstrip().rstrip(";"))  # type: ignore[arg-type]
 
+    def materialize_statement(self) -> sql.Composable:
+        """CREATE TEMP TABLE <rows_table> ON COMMIT DROP AS <read_statement>: a utility statement,
+        so its parameters must be bound client-side (psycopg.ClientCursor)."""
+        return (sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS ").format(sql.Identifier(self.rows_table))
+                + self.read_statement())
+
     def statement(self, first_run: bool = False) -> sql.Composable:
         """The step's write statement. ``first_run``: its bucket has no output rows yet, and the
         caller holds the bucket's lock, so no key can conflict: the upsert clause is left out
