@@ -15,7 +15,6 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from conftest import _with_db
 from tally import buckets as B
 from tally.rollups import Runner, step_settings
 from tally.seed import seed
@@ -27,6 +26,11 @@ HOUR = dt.timedelta(hours=1)
 SOURCES = {"execution_logs": "started_at", "user_activity": "created_at"}
 HOURLY_TABLES = ("execution_metrics_hourly", "credit_consumption_hourly", "user_activity_hourly")
 HISTORY_COPIES = 20  # the 72 aggregated hours copied 20 times, 3 days apart: 60 days of hourly rows
+
+
+def _with_db(url: str, name: str) -> str:
+    base, _, query = url.partition("?")
+    return f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
 
 
 @pytest.fixture(scope="module")
