@@ -22,7 +22,9 @@ A floor is a bare ``SELECT workspace_id, count(*), sum(x) … GROUP BY workspace
 over the rows the job must read, through the same time range (see FLOORS), timed
 in the same run right next to the job (after one untimed warm-up execution, like
 the job's own data, which an hourly job finds in cache). Ratios are medians of the
-paired per-run ratios. Scratch databases are dropped at the end (``--keep`` keeps them).
+paired per-run ratios. Under each hourly step, its bound: PostgreSQL's own statement for
+the statistic that makes the step more than a scan, read only (see BOUNDS). Scratch
+databases are dropped at the end (``--keep`` keeps them).
 """
 from __future__ import annotations
 
@@ -66,6 +68,28 @@ FLOORS = {
                      "WHERE created_at >= %(start)s AND created_at < %(end)s GROUP BY workspace_id",
 }
 PERIOD_FLOOR = FLOORS["execution_metrics"]  # a period's floor: the scan of its raw executions
+
+# What PostgreSQL itself needs for the one statistic that makes each step more than a scan, with
+# its own built-ins, read only (nothing written): a reference for how far below its floor a step
+# can possibly get. execution_metrics: exact percentiles (SPEC: percentile_cont), which sort the
+# hour's durations; user_activity: each session's first and last event, a group per session;
+# credit_consumption: its (workspace, user, agent) key, a group per key.
+BOUNDS = {
+    "execution_metrics": "SELECT workspace_id, percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY duration) "
+                         "FROM public.execution_logs WHERE started_at >= %(start)s AND started_at < %(end)s "
+                         "GROUP BY workspace_id",
+    "user_activity": "SELECT workspace_id, user_id, session_id, count(*), min(created_at), max(created_at) "
+                     "FROM analytics.user_activity WHERE created_at >= %(start)s AND created_at < %(end)s "
+                     "GROUP BY workspace_id, user_id, session_id",
+    "credit_consumption": "SELECT workspace_id, user_id, agent_id, count(*), sum(credits_used) "
+                          "FROM public.execution_logs WHERE started_at >= %(start)s AND started_at < %(end)s "
+                          "GROUP BY workspace_id, user_id, agent_id",
+}
+BOUND_TITLES = {
+    "execution_metrics": "  PostgreSQL's percentile_cont by workspace",
+    "user_activity": "  PostgreSQL's GROUP BY workspace, user, session",
+    "credit_consumption": "  PostgreSQL's GROUP BY workspace, user, agent",
+}
 
 OUTPUTS = ("execution_metrics_hourly", "user_activity_hourly", "credit_consumption_hourly",
            "execution_metrics_daily", "execution_metrics_weekly", "execution_metrics_monthly")
@@ -199,11 +223,15 @@ class Clock:
         return secs, {s.step: s.seconds for s in result.steps}
 
 
-def hour_sample(clock: Clock, hour: dt.datetime) -> dict:
-    """Floors of the three hourly steps, then the first run of the hourly rollup of ``hour``."""
+def hour_sample(clock: Clock, hour: dt.datetime, bounds: bool = False) -> dict:
+    """Floors of the three hourly steps (and their BOUNDS), then the first run of the hourly
+    rollup of ``hour``."""
     floors = {step: clock.floor(FLOORS[step], hour, hour + HOUR) for step in HOURLY_STEPS}
+    sample = {"floors": floors}
+    if bounds:
+        sample["bounds"] = {step: clock.floor(BOUNDS[step], hour, hour + HOUR) for step in HOURLY_STEPS}
     total, steps = clock.rollup(B.bucket("hourly", hour))
-    return {"floors": floors, "steps": steps, "rollup": total}
+    return {**sample, "steps": steps, "rollup": total}
 
 
 def run_schedule(clock: Clock, url: str, start: dt.datetime, end: dt.datetime) -> None:
@@ -248,7 +276,7 @@ def _measure_scale_child(url: str, runs: int, out) -> None:
     backfills = []
     for r in range(runs):
         reset_outputs(url)
-        samples = [hour_sample(clock, h) for h in hours]
+        samples = [hour_sample(clock, h, bounds=True) for h in hours]
         day_floor = clock.floor(PERIOD_FLOOR, DAY, DAY + 24 * HOUR)
         day_time, _ = clock.rollup(B.bucket("daily", DAY))
         backfills.append({"hours": samples, "day_floor": day_floor, "day_time": day_time})
@@ -295,6 +323,8 @@ def summarize_scale(raw: dict, executions: int, events: int) -> dict:
     for step in HOURLY_STEPS:
         s[step] = {"time": median(h["steps"][step] for h in hours),
                    "ratio": median(h["steps"][step] / h["floors"][step] for h in hours)}
+        s[f"{step}_bound"] = {"time": median(h["bounds"][step] for h in hours),
+                              "ratio": median(h["bounds"][step] / h["floors"][step] for h in hours)}
     s["hourly"] = {"time": median(h["rollup"] for h in hours),
                    "ratio": median(h["rollup"] / sum(h["floors"].values()) for h in hours)}
     for rollup in ("daily", "weekly", "monthly"):
@@ -344,8 +374,11 @@ def render(info: dict, scales: dict, history: dict | None, args) -> str:
                  [f"{(s['rows']['executions'] + s['rows']['events']) // 24:,}" for s in scales.values()],
                  [""] * len(labels)))
     names = [("execution_metrics", "hourly step execution_metrics"),
+             ("execution_metrics_bound", BOUND_TITLES["execution_metrics"]),
              ("user_activity", "hourly step user_activity"),
+             ("user_activity_bound", BOUND_TITLES["user_activity"]),
              ("credit_consumption", "hourly step credit_consumption"),
+             ("credit_consumption_bound", BOUND_TITLES["credit_consumption"]),
              ("hourly", "hourly rollup (3 steps + ledger)"),
              ("daily", "daily rollup (vs the day's raw scan)"),
              ("weekly", "weekly rollup, 1 day of data (vs the week's raw scan)"),
@@ -390,7 +423,9 @@ def render(info: dict, scales: dict, history: dict | None, args) -> str:
                   f"  peak memory of the tally process        {h['peak_rss_mb']:>7.0f} MB"]
     lines += ["", "x floor: time / the time PostgreSQL takes for SELECT workspace_id, count(*), sum(x) ... GROUP BY "
                   "workspace_id over the same rows (hourly rollup: the sum of its steps' floors; backfill: the sum of "
-                  "all its floors)."]
+                  "all its floors).",
+              "PostgreSQL's ...: what PostgreSQL itself takes for the statistic that makes the step more than a "
+              "scan (BOUNDS in bench/run.py), read only, over the same rows: how close to its floor a step can get."]
     return "\n".join(lines)
 
 

@@ -23,9 +23,11 @@ GROUP BY 1, 2, 3;
 
 -- credit_consumption --
 -- pg_temp.credit_consumption_rows -> analytics.credit_consumption_hourly, keyed by workspace,
--- user and agent. Parameters: start. The keys are written in key order, so they append to the
--- (hour, workspace, user, agent) key (migration 0003). On an hour with no rows yet the Runner
--- drops the upsert clause (see Step.statement): a plain insert costs less per row.
+-- user and agent. Parameters: start. The key is hour-first (migration 0003), so an hour's new
+-- keys land together at one place in the index; they are written in the order the read left
+-- them (sorting them into key order first cost more than it saved: docs/PERFORMANCE.md #15).
+-- On an hour with no rows yet the Runner drops the upsert clause (see Step.statement): a plain
+-- insert costs less per row.
 WITH metrics AS (SELECT * FROM pg_temp.credit_consumption_rows),
 written AS (
     INSERT INTO analytics.credit_consumption_hourly AS t (
@@ -36,7 +38,6 @@ written AS (
            -- numeric division, never integer division (25 / 2 = 12.5)
            CASE WHEN successful_executions = 0 THEN 0 ELSE success_credits / successful_executions END
     FROM metrics
-    ORDER BY workspace_id, user_id, agent_id
     -- upsert: begin
     ON CONFLICT (workspace_id, user_id, agent_id, hour) DO UPDATE SET
         total_credits = EXCLUDED.total_credits,

@@ -26,26 +26,27 @@ WITH per_workspace AS (
 ),
 metrics AS (
     SELECT p.workspace_id, p.total_executions, p.successful_executions, p.failed_executions, p.total_credits,
-           d.avg_runtime, e.pct, coalesce(d.runtime_count, 0) AS runtime_count,
-           coalesce(d.runtime_sum, 0) AS runtime_sum,
+           s.avg_runtime, e.pct, coalesce(s.runtime_count, 0) AS runtime_count,
+           coalesce(s.runtime_sum, 0) AS runtime_sum,
            coalesce(k.bins, ARRAY[]::int[]) AS bins, coalesce(k.counts, ARRAY[]::bigint[]) AS counts
     FROM per_workspace p
-    -- The workspace's valid durations in ascending order, sorted once for the percentiles and the
-    -- sum. Parallel workers collect them in no fixed order, and a float sum depends on the order
-    -- of its terms: summed in sorted order, the same rows give the same bits on every run, so a
-    -- rerun changes nothing (tests/test_correctness.py).
-    LEFT JOIN LATERAL (SELECT array_agg(x ORDER BY x) AS xs FROM (SELECT unnest(p.runtimes) AS x) u) s ON true
+    -- The workspace's valid durations in ascending order, sorted once for the percentiles, the
+    -- sum and the mean (one Sort feeds every aggregate below: they share their ORDER BY).
+    -- Parallel workers collect the durations in no fixed order, and a float sum depends on the
+    -- order of its terms: summed in sorted order, the same rows give the same bits on every run,
+    -- so a rerun changes nothing (tests/test_correctness.py).
     LEFT JOIN LATERAL (
-        SELECT -- the mean as sum / count: what avg() returns, without avg()'s sum of squares, which
+        SELECT array_agg(x ORDER BY x) AS xs,
+               -- the mean as sum / count: what avg() returns, without avg()'s sum of squares, which
                -- overflows from 1e154 on; a mean that rounds to 0 (denormal durations) is 0, as in
                -- avg(), not an underflow error
                CASE WHEN count(x) = 0 THEN NULL
-                    WHEN sum(x)::numeric / count(x) <= 2.4703282292063e-324 THEN 0::float8
-                    ELSE sum(x) / count(x) END AS avg_runtime,
+                    WHEN sum(x ORDER BY x)::numeric / count(x) <= 2.4703282292063e-324 THEN 0::float8
+                    ELSE sum(x ORDER BY x) / count(x) END AS avg_runtime,
                count(x) AS runtime_count,
-               sum(x) AS runtime_sum
-        FROM (SELECT unnest(s.xs) AS x) u
-    ) d ON true
+               sum(x ORDER BY x) AS runtime_sum
+        FROM (SELECT unnest(p.runtimes) AS x) u
+    ) s ON true
     -- percentile_cont(q) over the sorted durations, by PostgreSQL's own arithmetic
     -- (percentile_cont_final_common, float8_lerp): r = q * (n - 1); lo, hi = the floor(r)-th and
     -- ceil(r)-th values; lo + (r - floor(r)) * (hi - lo). A difference too small to scale without

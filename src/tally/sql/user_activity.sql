@@ -45,8 +45,7 @@ written AS (
         active_duration_seconds, avg_session_duration)
     SELECT workspace_id, user_id, %(start)s, total_events, page_views, unique_sessions, event_type_counts,
            active_duration_seconds, avg_session_duration
-    FROM metrics
-    ORDER BY workspace_id, user_id  -- key order: appends to the (hour, workspace, user) key
+    FROM metrics  -- unsorted, as in credit_consumption (docs/PERFORMANCE.md #15)
     -- upsert: begin
     ON CONFLICT (workspace_id, user_id, hour) DO UPDATE SET
         total_events = EXCLUDED.total_events,
