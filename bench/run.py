@@ -23,7 +23,7 @@ over the rows the job must read, through the same time range (see FLOORS), timed
 in the same run right next to the job (after one untimed warm-up execution, like
 the job's own data, which an hourly job finds in cache). Ratios are medians of the
 paired per-run ratios. Under each hourly step, its bound: PostgreSQL's own statement for
-the statistic that makes the step more than a scan, read only (see BOUNDS). Scratch
+the statistic that makes the step more than a scan, nothing written (see BOUNDS). Scratch
 databases are dropped at the end (``--keep`` keeps them).
 """
 from __future__ import annotations
@@ -48,7 +48,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from tally import buckets as B  # noqa: E402
 from tally import migrate  # noqa: E402
-from tally.rollups import Runner  # noqa: E402
+from tally.rollups import Runner, step_settings  # noqa: E402
+from tally.steps import STEPS  # noqa: E402
 
 UTC = dt.timezone.utc
 HOUR = dt.timedelta(hours=1)
@@ -70,20 +71,26 @@ FLOORS = {
 PERIOD_FLOOR = FLOORS["execution_metrics"]  # a period's floor: the scan of its raw executions
 
 # What PostgreSQL itself needs for the one statistic that makes each step more than a scan, with
-# its own built-ins, read only (nothing written): a reference for how far below its floor a step
-# can possibly get. execution_metrics: exact percentiles (SPEC: percentile_cont), which sort the
-# hour's durations; user_activity: each session's first and last event, a group per session;
-# credit_consumption: its (workspace, user, agent) key, a group per key.
+# its own built-ins, over the same rows, nothing written: a reference for how far below its
+# floor a step can possibly get. execution_metrics: exact percentiles (SPEC: percentile_cont),
+# which sort the hour's durations; user_activity: each session's first and last event, a group
+# per session; credit_consumption: its (workspace, user, agent) key, a group per key. Each is run
+# with its step's planner settings (STEP_SETTINGS: work_mem, the scan) and summed up to one row,
+# so that neither a spill to disk nor sending its groups to the client is counted.
 BOUNDS = {
-    "execution_metrics": "SELECT workspace_id, percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY duration) "
+    "execution_metrics": "SELECT count(*), sum(p[1] + p[2] + p[3]) FROM ("
+                         "SELECT workspace_id, percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY duration) AS p "
                          "FROM public.execution_logs WHERE started_at >= %(start)s AND started_at < %(end)s "
-                         "GROUP BY workspace_id",
-    "user_activity": "SELECT workspace_id, user_id, session_id, count(*), min(created_at), max(created_at) "
+                         "GROUP BY workspace_id) b",
+    "user_activity": "SELECT count(*), sum(n), max(last_at - first_at) FROM ("
+                     "SELECT workspace_id, user_id, session_id, count(*) AS n, min(created_at) AS first_at, "
+                     "max(created_at) AS last_at "
                      "FROM analytics.user_activity WHERE created_at >= %(start)s AND created_at < %(end)s "
-                     "GROUP BY workspace_id, user_id, session_id",
-    "credit_consumption": "SELECT workspace_id, user_id, agent_id, count(*), sum(credits_used) "
+                     "GROUP BY workspace_id, user_id, session_id) b",
+    "credit_consumption": "SELECT count(*), sum(n), sum(credits) FROM ("
+                          "SELECT workspace_id, user_id, agent_id, count(*) AS n, sum(credits_used) AS credits "
                           "FROM public.execution_logs WHERE started_at >= %(start)s AND started_at < %(end)s "
-                          "GROUP BY workspace_id, user_id, agent_id",
+                          "GROUP BY workspace_id, user_id, agent_id) b",
 }
 BOUND_TITLES = {
     "execution_metrics": "  PostgreSQL's percentile_cont by workspace",
@@ -212,6 +219,19 @@ class Clock:
         self.conn.execute(sql, params).fetchall()
         return time.perf_counter() - t0
 
+    def bound(self, step: str, start: dt.datetime, end: dt.datetime) -> float:
+        """BOUNDS[step], with the step's own planner settings (as the Runner sets them)."""
+        tuning = step_settings(STEPS[step])
+        params = dict(start=start, end=end)
+        with self.conn.transaction():
+            self.conn.execute("SELECT set_config(s.name, coalesce(s.value, p.reset_val), true) "
+                              "FROM unnest(%s::text[], %s::text[]) AS s(name, value) JOIN pg_settings p USING (name)",
+                              [list(tuning), list(tuning.values())])
+            self.conn.execute(BOUNDS[step], params).fetchall()  # warm-up, as for a floor
+            t0 = time.perf_counter()
+            self.conn.execute(BOUNDS[step], params).fetchall()
+            return time.perf_counter() - t0
+
     def rollup(self, bucket: B.Bucket, prepare: bool = True):
         t0 = time.perf_counter()
         result = self.runner.run(bucket, prepare=prepare)
@@ -229,7 +249,7 @@ def hour_sample(clock: Clock, hour: dt.datetime, bounds: bool = False) -> dict:
     floors = {step: clock.floor(FLOORS[step], hour, hour + HOUR) for step in HOURLY_STEPS}
     sample = {"floors": floors}
     if bounds:
-        sample["bounds"] = {step: clock.floor(BOUNDS[step], hour, hour + HOUR) for step in HOURLY_STEPS}
+        sample["bounds"] = {step: clock.bound(step, hour, hour + HOUR) for step in HOURLY_STEPS}
     total, steps = clock.rollup(B.bucket("hourly", hour))
     return {**sample, "steps": steps, "rollup": total}
 
@@ -425,7 +445,8 @@ def render(info: dict, scales: dict, history: dict | None, args) -> str:
                   "workspace_id over the same rows (hourly rollup: the sum of its steps' floors; backfill: the sum of "
                   "all its floors).",
               "PostgreSQL's ...: what PostgreSQL itself takes for the statistic that makes the step more than a "
-              "scan (BOUNDS in bench/run.py), read only, over the same rows: how close to its floor a step can get."]
+              "scan, over the same rows, with the step's planner settings, nothing written (BOUNDS in bench/run.py): "
+              "how close to its floor a step can get."]
     return "\n".join(lines)
 
 
