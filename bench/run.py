@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from tally import buckets as B  # noqa: E402
 from tally import migrate  # noqa: E402
-from tally.rollups import Runner, step_settings  # noqa: E402
+from tally.rollups import Runner, apply_step_settings  # noqa: E402
 from tally.steps import STEPS  # noqa: E402
 
 UTC = dt.timezone.utc
@@ -221,12 +221,9 @@ class Clock:
 
     def bound(self, step: str, start: dt.datetime, end: dt.datetime) -> float:
         """BOUNDS[step], with the step's own planner settings (as the Runner sets them)."""
-        tuning = step_settings(STEPS[step])
         params = dict(start=start, end=end)
         with self.conn.transaction():
-            self.conn.execute("SELECT set_config(s.name, coalesce(s.value, p.reset_val), true) "
-                              "FROM unnest(%s::text[], %s::text[]) AS s(name, value) JOIN pg_settings p USING (name)",
-                              [list(tuning), list(tuning.values())])
+            apply_step_settings(self.conn, STEPS[step])
             self.conn.execute(BOUNDS[step], params).fetchall()  # warm-up, as for a floor
             t0 = time.perf_counter()
             self.conn.execute(BOUNDS[step], params).fetchall()

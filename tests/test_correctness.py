@@ -198,7 +198,7 @@ def test_a_parallel_read_gives_the_same_bits_on_every_run(db_url, conn):
     import psycopg
     from psycopg import sql
 
-    from tally.rollups import step_settings
+    from tally.rollups import apply_step_settings
     from tally.steps import LN_GAMMA, STEPS
     dbname = conn.info.dbname
     conn.execute(sql.SQL("ALTER DATABASE {} SET min_parallel_index_scan_size = 0").format(sql.Identifier(dbname)))
@@ -209,9 +209,7 @@ def test_a_parallel_read_gives_the_same_bits_on_every_run(db_url, conn):
     conn.execute("ANALYZE public.execution_logs")
     step = STEPS["execution_metrics"]
     with psycopg.connect(db_url) as c:  # the plan the Runner gets: parallel, or this test proves nothing
-        for name, value in step_settings(step).items():
-            if value is not None:
-                c.execute("SELECT set_config(%s, %s, true)", [name, value])
+        apply_step_settings(c, step)
         text = "\n".join(r[0] for r in c.execute(
             sql.SQL("EXPLAIN ") + step.read_statement(),
             dict(start=hour, end=hour + HOUR, ln_gamma=LN_GAMMA)).fetchall())

@@ -16,7 +16,7 @@ import pytest
 from psycopg import sql
 
 from tally import buckets as B
-from tally.rollups import Runner, step_settings
+from tally.rollups import Runner, apply_step_settings
 from tally.seed import seed
 from tally.steps import LN_GAMMA, LN_HALF_WIDTH, STEPS
 
@@ -74,9 +74,7 @@ def plan(url: str, step_name: str, start: dt.datetime) -> dict:
                   ln_gamma=LN_GAMMA, ln_half_width=LN_HALF_WIDTH)
     with psycopg.connect(url) as conn:
         conn.execute("SET TIME ZONE 'UTC'")
-        for name, value in step_settings(step).items():
-            if value is not None:
-                conn.execute("SELECT set_config(%s, %s, true)", [name, value])
+        apply_step_settings(conn, step)
         plans = []
         if step.reads_separately:  # the read (materialized as the Runner does), then the write from it
             plans.append(conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + step.read_statement(),

@@ -118,6 +118,14 @@ def step_settings(step: Step) -> dict[str, str | None]:
     return {**STEP_SETTINGS["*"], **STEP_SETTINGS.get(step.name, {})}
 
 
+def apply_step_settings(conn: psycopg.Connection, step: Step) -> None:
+    """SET LOCAL ``step``'s planner settings in the open transaction (None: the session's own)."""
+    tuning = step_settings(step)
+    conn.execute("SELECT set_config(s.name, coalesce(s.value, p.reset_val), true) "
+                 "FROM unnest(%s::text[], %s::text[]) AS s(name, value) JOIN pg_settings p USING (name)",
+                 [list(tuning), list(tuning.values())])
+
+
 def _statement_timeout(step: Step) -> float:
     raw = os.environ.get(f"TALLY_STATEMENT_TIMEOUT_{step.name.upper()}")
     if raw:
@@ -186,10 +194,7 @@ class Runner:
         timeout = _statement_timeout(step)
         if timeout > 0:
             conn.execute("SELECT set_config('statement_timeout', %s, true)", [f"{int(timeout * 1000)}ms"])
-        tuning = step_settings(step)
-        conn.execute("SELECT set_config(s.name, coalesce(s.value, p.reset_val), true) "
-                     "FROM unnest(%s::text[], %s::text[]) AS s(name, value) JOIN pg_settings p USING (name)",
-                     [list(tuning), list(tuning.values())])
+        apply_step_settings(conn, step)
         params = dict(start=bucket.start, end=bucket.end, bucket=bucket.start.date(),
                       ln_gamma=LN_GAMMA, ln_half_width=LN_HALF_WIDTH)
         first_run = False
