@@ -48,7 +48,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from tally import buckets as B  # noqa: E402
 from tally import migrate  # noqa: E402
-from tally.rollups import Runner, apply_step_settings  # noqa: E402
+from tally.executor import apply_step_settings
+from tally.rollups import Runner  # noqa: E402
 from tally.steps import STEPS  # noqa: E402
 
 UTC = dt.timezone.utc

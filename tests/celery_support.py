@@ -30,23 +30,31 @@ import psycopg
 import pytest
 import redis
 
+from support import throwaway_db
+
 TALLY = str(Path(sys.executable).with_name("tally"))
 TRUNCATE = """TRUNCATE public.execution_logs, analytics.user_activity, analytics.execution_metrics_hourly,
     analytics.user_activity_hourly, analytics.credit_consumption_hourly, analytics.execution_metrics_daily,
     analytics.execution_metrics_weekly, analytics.execution_metrics_monthly, analytics.aggregation_runs,
-    analytics.dirty_log, public.test_fault RESTART IDENTITY"""
+    analytics.dirty_log, analytics.bucket_state, public.test_fault RESTART IDENTITY"""
 
 # A real failure on demand: an INSERT into a step's output table raises while the step's
 # running attempt for that hour is at most `failing_attempts` (the ledger row is committed
-# before the step starts, so the trigger sees it).
+# before the step's SQL starts, so the trigger sees it), with SQLSTATE `errcode`: by default
+# 40001 (serialization_failure, transient: retried), or e.g. P0001 / 22003 (permanent).
 FAULTS = """
-CREATE TABLE public.test_fault (step text NOT NULL, hour timestamptz NOT NULL, failing_attempts int NOT NULL);
+CREATE TABLE public.test_fault (step text NOT NULL, hour timestamptz NOT NULL, failing_attempts int NOT NULL,
+                                errcode text NOT NULL DEFAULT '40001');
 CREATE FUNCTION public.test_fault() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    code text;
 BEGIN
-    IF EXISTS (SELECT 1 FROM analytics.aggregation_runs r
-               JOIN public.test_fault f ON f.step = r.step AND f.hour = r.bucket_start
-               WHERE r.rollup = 'hourly' AND r.status = 'running' AND r.attempt <= f.failing_attempts) THEN
-        RAISE EXCEPTION 'injected fault in %', TG_TABLE_NAME;
+    SELECT f.errcode INTO code FROM analytics.aggregation_runs r
+    JOIN public.test_fault f ON f.step = r.step AND f.hour = r.bucket_start
+    WHERE r.rollup = 'hourly' AND r.status = 'running' AND r.attempt <= f.failing_attempts
+    LIMIT 1;
+    IF code IS NOT NULL THEN
+        RAISE EXCEPTION 'injected fault in %', TG_TABLE_NAME USING ERRCODE = code;
     END IF;
     RETURN NULL;
 END $$;
@@ -205,23 +213,13 @@ def webhook():
     hook.close()
 
 
-def with_db(url: str, name: str) -> str:
-    base, _, params = url.partition("?")
-    return f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{params}" if params else "")
-
-
 @pytest.fixture(scope="module")
 def celery_db(admin_url, template_db):
     """One migrated database for the module's worker, with the fault trigger installed."""
-    name = f"tally_c_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    url = with_db(admin_url, name)
-    with psycopg.connect(url, autocommit=True) as c:
-        c.execute(FAULTS)
-    yield url
-    with psycopg.connect(admin_url, autocommit=True) as c:
-        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with throwaway_db(admin_url, template_db, prefix="tally_c") as url:
+        with psycopg.connect(url, autocommit=True) as c:
+            c.execute(FAULTS)
+        yield url
 
 
 @pytest.fixture(scope="module")

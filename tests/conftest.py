@@ -8,15 +8,24 @@ TEMPLATE) and it is dropped afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from hypothesis import settings
+
+from support import throwaway_db
 from tally import migrate
+
+# Property tests run the same examples on every run (CI included); TALLY_HYPOTHESIS=random
+# searches afresh (with the example database) for a longer hunt.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("random", derandomize=False)
+settings.load_profile(os.environ.get("TALLY_HYPOTHESIS", "ci"))
 
 
 def _admin_url() -> str:
@@ -34,12 +43,6 @@ def _admin_url() -> str:
         return server.get_uri("postgres")
 
 
-def _with_db(url: str, name: str) -> str:
-    base, _, query = url.partition("?")
-    base = base.rsplit("/", 1)[0]
-    return f"{base}/{name}" + (f"?{query}" if query else "")
-
-
 @pytest.fixture(scope="session")
 def admin_url() -> str:
     return _admin_url()
@@ -47,31 +50,17 @@ def admin_url() -> str:
 
 @pytest.fixture(scope="session")
 def template_db(admin_url):
-    name = f"tally_tpl_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_url, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    migrate.upgrade(_with_db(admin_url, name))
-    yield name
-    with psycopg.connect(admin_url, autocommit=True) as c:
-        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """The name of a database migrated to head, copied for every test."""
+    with throwaway_db(admin_url, prefix="tally_tpl") as url:
+        migrate.upgrade(url)
+        yield url.rsplit("/", 1)[1].split("?")[0]
 
 
 @pytest.fixture
 def make_db(admin_url, template_db):
     """Factory of throwaway migrated databases (all dropped at teardown)."""
-    made: list[str] = []
-
-    def make() -> str:
-        name = f"tally_t_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(admin_url, autocommit=True) as c:
-            c.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-        made.append(name)
-        return _with_db(admin_url, name)
-
-    yield make
-    with psycopg.connect(admin_url, autocommit=True) as c:
-        for name in made:
-            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with contextlib.ExitStack() as stack:
+        yield lambda: stack.enter_context(throwaway_db(admin_url, template_db))
 
 
 @pytest.fixture
@@ -92,11 +81,6 @@ def conn(db_url):
 @pytest.fixture
 def empty_db(admin_url, monkeypatch):
     """A fresh database with no schema at all."""
-    name = f"tally_e_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    url = _with_db(admin_url, name)
-    monkeypatch.setenv("TALLY_DATABASE_URL", url)
-    yield url
-    with psycopg.connect(admin_url, autocommit=True) as c:
-        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with throwaway_db(admin_url, prefix="tally_e") as url:
+        monkeypatch.setenv("TALLY_DATABASE_URL", url)
+        yield url

@@ -5,7 +5,7 @@ plain: no SQL, no cleverness, one obvious loop per statistic.  Every function
 takes the *source* rows (dicts shaped like the rows of ``public.execution_logs``
 and ``analytics.user_activity``) and returns ``{key: {column: value}}``.
 
-Conventions (see /work/shared/SPEC.md):
+Conventions (see SPEC.md in the shared folder):
 
 * buckets are half-open ``[start, end)``; executions are bucketed by
   ``started_at``, events by ``created_at``;

@@ -5,7 +5,7 @@ import datetime as dt
 
 import pytest
 
-from ops_support import cli, counts, seed, spawn
+from support import cli, counts, seed, spawn
 
 UTC = dt.timezone.utc
 START = dt.datetime(2026, 11, 23, tzinfo=UTC)

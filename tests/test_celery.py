@@ -56,8 +56,10 @@ def barrier():
     tasks.hourly_rollup.delay(label(T0 - 1000 * HOUR)).get(timeout=TIMEOUT)
 
 
-def fault(conn, step: str, hour: dt.datetime, failing_attempts: int) -> None:
-    conn.execute("INSERT INTO public.test_fault VALUES (%s, %s, %s)", (step, hour, failing_attempts))
+def fault(conn, step: str, hour: dt.datetime, failing_attempts: int, errcode: str = "40001") -> None:
+    """``step`` of ``hour`` fails for real in its first ``failing_attempts`` attempts, with SQLSTATE
+    ``errcode`` (40001, a serialization failure, is transient; P0001 or 22003 are not)."""
+    conn.execute("INSERT INTO public.test_fault VALUES (%s, %s, %s, %s)", (step, hour, failing_attempts, errcode))
 
 
 # ---- throughput and equality with a direct run -----------------------------------------------
@@ -147,6 +149,59 @@ def test_the_last_retry_failing_alerts_once_with_bucket_and_step(worker, wconn, 
             f"step=user_activity bucket={label(hour)} cause=") in worker.text()
 
 
+@pytest.mark.parametrize("errcode", ["P0001", "22003"], ids=["raise", "numeric-out-of-range"])
+def test_a_permanent_failure_is_not_retried_and_alerts_at_once(worker, wconn, celery_db, webhook, errcode):
+    """A data or SQL error would fail the same way on every try: no retry, the alert at once."""
+    hour = T0 + 9 * HOUR + (errcode == "22003") * HOUR
+    seed_hours(celery_db, hour, 1)
+    fault(wconn, "user_activity", hour, failing_attempts=99, errcode=errcode)
+    r = tasks.hourly_rollup.delay(label(hour))
+    r.get(timeout=TIMEOUT, propagate=False)
+    assert r.state == "FAILURE" and isinstance(r.result, tasks.PermanentFailure)
+    assert ledger(wconn, "hourly", hour) == [
+        ("execution_metrics", "succeeded", 1, "schedule", r.id),
+        ("user_activity", "failed", 1, "schedule", r.id),
+        ("credit_consumption", "succeeded", 1, "schedule", r.id),
+    ]
+    assert wconn.execute("SELECT sqlstate, transient FROM analytics.aggregation_runs WHERE status = 'failed' "
+                         "AND bucket_start = %s", (hour,)).fetchone() == (errcode, False)
+    barrier()
+    assert f"[{r.id}] retry" not in worker.text()
+    assert [(p["task_id"], p["step"], p["attempts"]) for p in webhook.posts] == [(r.id, "user_activity", 1)]
+
+
+def test_a_task_with_both_kinds_alerts_the_permanent_one_at_once_and_retries_the_other(
+        worker, wconn, celery_db, webhook):
+    hour = T0 + 11 * HOUR
+    seed_hours(celery_db, hour, 1)
+    fault(wconn, "user_activity", hour, failing_attempts=99, errcode="22003")
+    wconn.execute("""CREATE OR REPLACE FUNCTION public.test_fault_cc() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN
+                         IF EXISTS (SELECT 1 FROM analytics.aggregation_runs WHERE step = 'credit_consumption'
+                                    AND status = 'running' AND attempt = 1) THEN
+                             RAISE EXCEPTION 'deadlock, as it were' USING ERRCODE = '40P01';
+                         END IF;
+                         RETURN NULL;
+                     END $$;
+                     CREATE TRIGGER test_fault_cc BEFORE INSERT ON analytics.credit_consumption_hourly
+                         FOR EACH STATEMENT EXECUTE FUNCTION public.test_fault_cc();""")
+    try:
+        r = tasks.hourly_rollup.delay(label(hour))
+        r.get(timeout=TIMEOUT, propagate=False)
+    finally:
+        wconn.execute("DROP TRIGGER test_fault_cc ON analytics.credit_consumption_hourly")
+    # the retry ran the transient failure again, not the permanent one (alerted once, at the first try)
+    assert ledger(wconn, "hourly", hour) == [
+        ("execution_metrics", "succeeded", 1, "schedule", r.id),
+        ("user_activity", "failed", 1, "schedule", r.id),
+        ("credit_consumption", "failed", 1, "schedule", r.id),
+        ("credit_consumption", "succeeded", 2, "retry", r.id),
+    ]
+    assert r.state == "FAILURE" and isinstance(r.result, tasks.PermanentFailure)  # the permanent one stands
+    barrier()
+    assert [(p["step"], p["attempts"]) for p in webhook.posts] == [("user_activity", 1)]
+
+
 def test_invalid_input_fails_at_once_without_retry(worker, wconn, webhook):
     sent = [
         tasks.hourly_rollup.delay("2026-03-02T00:30Z"),
@@ -207,9 +262,9 @@ def test_backfill_bucket_runs_what_is_not_ok_unless_forced(worker, wconn, celery
     wconn.execute("TRUNCATE public.test_fault")
     assert backfill("hourly", label(hour)) == []  # done and current: nothing
     wconn.execute("UPDATE public.execution_logs SET credits_used = credits_used + 1 "
-                  "WHERE id = (SELECT min(id) FROM public.execution_logs)")  # the hour is dirty now
+                  "WHERE id = (SELECT min(id) FROM public.execution_logs)")  # the steps reading executions are dirty
+    assert backfill("hourly", label(hour)) == [("execution_metrics", 1), ("credit_consumption", 1)]
     everything = [("execution_metrics", 1), ("user_activity", 1), ("credit_consumption", 1)]
-    assert backfill("hourly", label(hour)) == everything
     assert backfill("hourly", label(hour), force=True) == everything
     triggers = wconn.execute("SELECT DISTINCT trigger FROM analytics.aggregation_runs WHERE task_id IS NOT NULL"
                              ).fetchall()
@@ -371,11 +426,12 @@ def test_a_task_whose_worker_is_killed_runs_again_on_a_new_worker(broker, make_d
     env = {**broker, "TALLY_BROKER_PREFIX": f"{broker['TALLY_BROKER_PREFIX']}kill:", "TALLY_DATABASE_URL": url,
            "TALLY_VISIBILITY_TIMEOUT": "4", "TALLY_LOCK_WAIT": "600"}
     celery = client(env)
-    holder = psycopg.connect(url, autocommit=True)
+    holder = psycopg.connect(url)
     first = second = None
     try:
-        # hold user_activity's bucket lock: the task commits execution_metrics, then waits there
-        holder.execute("SELECT pg_advisory_lock(%s, %s)", lock_key(STEPS["user_activity"], int(hour.timestamp()) // 3600))
+        # lock user_activity's output table: the task commits execution_metrics, then its user_activity
+        # attempt begins and waits there
+        holder.execute("LOCK TABLE analytics.user_activity_hourly IN ACCESS EXCLUSIVE MODE")
         first = Worker(env, tmp_path / "first.log")
         r = celery.send_task("tally.hourly_rollup", [label(hour)])
         wait_for(lambda: ledger(holder, "hourly", hour)[1:2] == [("user_activity", "running", 1, "schedule", r.id)],
@@ -383,7 +439,8 @@ def test_a_task_whose_worker_is_killed_runs_again_on_a_new_worker(broker, make_d
         first.kill()
         # the killed worker's session is still queued on the lock: let it get it, find its client gone, and end
         pid = holder.execute("SELECT backend_pid FROM analytics.aggregation_runs WHERE status = 'running'").fetchone()[0]
-        holder.execute("SELECT pg_advisory_unlock_all()")
+        holder.rollback()
+        holder.autocommit = True
         wait_for(lambda: not holder.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone(),
                  TIMEOUT, "the dead worker's database session to end")
         second = Worker(env, tmp_path / "second.log")

@@ -7,11 +7,11 @@ from decimal import Decimal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import reference as ref
-from outputs import read, snapshot, source_rows
+from outputs import snapshot, source_rows
 from strategies import activity_events, execution_rows, insert_events, insert_executions
+from support import check_hour, check_period, copy_executions, heavy_rows
 from tally import daily_rollup, hourly_rollup, monthly_rollup, weekly_rollup
 from tally.seed import seed
 
@@ -22,22 +22,7 @@ BASE = dt.datetime(2026, 11, 25, 22, tzinfo=UTC)
 TRUNCATE = """TRUNCATE public.execution_logs, analytics.user_activity, analytics.execution_metrics_hourly,
     analytics.user_activity_hourly, analytics.credit_consumption_hourly, analytics.execution_metrics_daily,
     analytics.execution_metrics_weekly, analytics.execution_metrics_monthly, analytics.aggregation_runs,
-    analytics.dirty_log"""
-
-
-def check_hour(conn, hour, executions, events):
-    problems = []
-    problems += ref.compare(read(conn, "execution_metrics_hourly", hour), ref.execution_hourly(executions, hour))
-    problems += ref.compare(read(conn, "user_activity_hourly", hour), ref.user_activity_hourly(events, hour))
-    problems += ref.compare(read(conn, "credit_consumption_hourly", hour), ref.credit_hourly(executions, hour))
-    return [f"{hour:%Y-%m-%dT%H}Z: {p}" for p in problems]
-
-
-def check_period(conn, table, start, end, executions):
-    got = read(conn, table, start)
-    expected = {k: {c: v for c, v in row.items() if c not in ("runtime_count", "runtime_sum")}
-                for k, row in ref.period_metrics(executions, start, end).items()}
-    return [f"{table} {start:%Y-%m-%d}: {p}" for p in ref.compare(got, expected, percentile_rel=0.01)]
+    analytics.dirty_log, analytics.bucket_state"""
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -63,47 +48,12 @@ def test_every_hourly_and_daily_column_matches_brute_force(db_url, conn, executi
     assert not problems, "\n".join(problems[:20])
 
 
-def _heavy_rows(n, start, hours, *, workspaces, rng, prefix="r"):
-    rows = []
-    for i in range(n):
-        started = start + dt.timedelta(microseconds=rng.randrange(hours * 3600 * 10**6))
-        kind = rng.random()
-        duration = min(3600.0, max(0.001, rng.lognormvariate(0.7, 1.6)))
-        if kind < 0.01:
-            duration = None
-        elif kind < 0.015:
-            duration = rng.choice([float("nan"), float("inf"), -1.0, float("-inf")])
-        rows.append({
-            "execution_id": f"{prefix}{i}",
-            "workspace_id": rng.choice(workspaces),
-            "user_id": rng.choice([f"u{j}" for j in range(40)] + [None]),
-            "agent_id": rng.choice([f"a{j}" for j in range(12)] + [None]),
-            "status": rng.choice(["completed", "SUCCESS", "failed", "timed_out", "running", "queued", "Error"]),
-            "started_at": started,
-            "completed_at": None,
-            "duration": duration,
-            "credits_used": rng.choice([None, Decimal(rng.randrange(0, 10**8)) / 10000,
-                                        Decimal("99999999999999.9999")]),
-            "metadata": None,
-        })
-    return rows
-
-
-def _copy_executions(conn, rows):
-    cols = ("execution_id", "workspace_id", "user_id", "agent_id", "status", "started_at", "duration", "credits_used")
-    with conn.transaction(), conn.cursor().copy(
-        f"COPY public.execution_logs ({', '.join(cols)}) FROM STDIN"
-    ) as copy:
-        for r in rows:
-            copy.write_row([r[c] for c in cols])
-
-
 def test_fifty_thousand_executions_in_one_workspace_day(db_url, conn):
     """The scale at which the earlier implementation overflowed int4 and multiplied sums."""
     rng = random.Random(7)
     day = dt.datetime(2026, 11, 24, tzinfo=UTC)
-    rows = _heavy_rows(50_000, day, 24, workspaces=["big"], rng=rng)
-    _copy_executions(conn, rows)
+    rows = heavy_rows(50_000, day, 24, workspaces=["big"], rng=rng)
+    copy_executions(conn, rows)
     executions, _ = source_rows(conn)
     result = daily_rollup(day)
     assert result.ok and len(result.prepared) == 24  # every hour has executions
@@ -121,8 +71,8 @@ def test_weekly_and_monthly_match_brute_force(db_url, conn):
     rng = random.Random(11)
     # ISO week 2026-12-28 .. 2027-01-03 spans a month and a year boundary
     start = dt.datetime(2026, 12, 27, 20, tzinfo=UTC)
-    rows = _heavy_rows(3_000, start, 24 * 8, workspaces=["w1", "w2", None, "w3"], rng=rng)
-    _copy_executions(conn, rows)
+    rows = heavy_rows(3_000, start, 24 * 8, workspaces=["w1", "w2", None, "w3"], rng=rng)
+    copy_executions(conn, rows)
     executions, _ = source_rows(conn)
     week = dt.datetime(2026, 12, 28, tzinfo=UTC)
     assert weekly_rollup(week).ok
@@ -137,7 +87,7 @@ def test_weekly_and_monthly_match_brute_force(db_url, conn):
 def test_rerun_changes_nothing_and_deleted_sources_disappear(db_url, conn):
     rng = random.Random(3)
     hour = dt.datetime(2026, 11, 24, 5, tzinfo=UTC)
-    _copy_executions(conn, _heavy_rows(500, hour, 1, workspaces=["w1", "w2", "w3"], rng=rng))
+    copy_executions(conn, heavy_rows(500, hour, 1, workspaces=["w1", "w2", "w3"], rng=rng))
     assert hourly_rollup(hour).ok and daily_rollup(hour.replace(hour=0)).ok
     before = snapshot(conn, with_timestamps=True)
     again = hourly_rollup(hour)
@@ -158,7 +108,7 @@ def test_rerun_changes_nothing_and_deleted_sources_disappear(db_url, conn):
 @pytest.mark.parametrize("value", [0.0, 5e-324, 1e-9, 123.456, 3600.0, 1e12])
 def test_sketch_bin_of_a_single_value_is_within_half_a_percent(db_url, conn, value):
     hour = dt.datetime(2026, 11, 24, 5, tzinfo=UTC)
-    _copy_executions(conn, [{"execution_id": "x", "workspace_id": "w", "user_id": "u", "agent_id": "a",
+    copy_executions(conn, [{"execution_id": "x", "workspace_id": "w", "user_id": "u", "agent_id": "a",
                              "status": "completed", "started_at": hour, "duration": value, "credits_used": 1}])
     assert daily_rollup(hour.replace(hour=0)).ok
     p50, p99 = conn.execute("SELECT p50_runtime, p99_runtime FROM analytics.execution_metrics_daily").fetchone()
@@ -174,7 +124,7 @@ def test_first_run_insert_and_rerun_upsert_write_the_same_rows(db_url, conn):
         assert "ON CONFLICT" in upsert and "ON CONFLICT" not in plain and "INSERT INTO" in plain, name
     rng = random.Random(11)
     hour = dt.datetime(2026, 11, 24, 7, tzinfo=UTC)
-    _copy_executions(conn, _heavy_rows(400, hour, 1, workspaces=["w1", "w2", "w3", None], rng=rng))
+    copy_executions(conn, heavy_rows(400, hour, 1, workspaces=["w1", "w2", "w3", None], rng=rng))
     seed(conn, start=hour, hours=1, workspaces=3, executions_per_hour=0, events_per_hour=300, seed=5)
     first = hourly_rollup(hour)
     assert first.ok and all(s.changed == s.rows and s.rows > 0 for s in first.steps), first.steps
@@ -198,14 +148,14 @@ def test_a_parallel_read_gives_the_same_bits_on_every_run(db_url, conn):
     import psycopg
     from psycopg import sql
 
-    from tally.rollups import apply_step_settings
+    from tally.executor import apply_step_settings
     from tally.steps import LN_GAMMA, STEPS
     dbname = conn.info.dbname
     conn.execute(sql.SQL("ALTER DATABASE {} SET min_parallel_index_scan_size = 0").format(sql.Identifier(dbname)))
     conn.execute(sql.SQL("ALTER DATABASE {} SET min_parallel_table_scan_size = 0").format(sql.Identifier(dbname)))
     rng = random.Random(5)
     hour = dt.datetime(2026, 11, 24, 9, tzinfo=UTC)
-    _copy_executions(conn, _heavy_rows(30_000, hour, 1, workspaces=["w1", "w2", "w3"], rng=rng))
+    copy_executions(conn, heavy_rows(30_000, hour, 1, workspaces=["w1", "w2", "w3"], rng=rng))
     conn.execute("ANALYZE public.execution_logs")
     step = STEPS["execution_metrics"]
     with psycopg.connect(db_url) as c:  # the plan the Runner gets: parallel, or this test proves nothing

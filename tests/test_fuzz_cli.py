@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from outputs import source_rows
 from strategies import insert_events
-from test_correctness import _copy_executions, _heavy_rows, check_hour, check_period
+from support import copy_executions, heavy_rows, check_hour, check_period
 from tally.cli import main
 
 UTC = dt.timezone.utc
@@ -45,7 +45,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not RANDOM, da
 WRITABLE = ("analytics.execution_metrics_hourly", "analytics.user_activity_hourly",
             "analytics.credit_consumption_hourly", "analytics.execution_metrics_daily",
             "analytics.execution_metrics_weekly", "analytics.execution_metrics_monthly",
-            "analytics.aggregation_runs", "analytics.dirty_log", "public.execution_logs", "analytics.user_activity")
+            "analytics.aggregation_runs", "analytics.bucket_state", "analytics.dirty_log", "public.execution_logs", "analytics.user_activity")
 
 # Strings that have broken parsers, shells and SQL before.
 NASTY = [
@@ -77,8 +77,7 @@ def invoke(*argv: str) -> Outcome:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            main(list(argv))
-            code = 0
+            code = main(list(argv))
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
     return Outcome(code, out.getvalue(), err.getvalue())
@@ -191,7 +190,7 @@ def fuzz_db(db_url, conn, monkeypatch):
     monkeypatch.setenv("TALLY_CATCHUP_DAYS", "1")  # status's default --from: the day before --to's day
     monkeypatch.setenv("TALLY_LOCK_WAIT", "5")
     rng = random.Random(17)
-    _copy_executions(conn, _heavy_rows(240, BASE, 3, workspaces=["w1", "w2", None, "wé"], rng=rng))
+    copy_executions(conn, heavy_rows(240, BASE, 3, workspaces=["w1", "w2", None, "wé"], rng=rng))
     events = [{"workspace_id": rng.choice(["w1", None]), "user_id": f"u{rng.randrange(4)}",
                "session_id": rng.choice(["s1", "s2", None]), "event_type": rng.choice(["page_view", "click"]),
                "event_name": None, "page_path": "/", "metadata": None,

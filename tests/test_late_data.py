@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-import uuid
 from decimal import Decimal
 
 import psycopg
@@ -18,10 +17,12 @@ from hypothesis import strategies as st
 import reference as ref
 import strategies as S
 from outputs import read, source_rows
+from support import throwaway_db
 from tally import buckets as B
 from tally import hourly_rollup, monthly_rollup
 from tally.catchup import catch_up
 from tally.cli import main
+from tally import state as states
 from tally.steps import STEPS, lock_key
 
 UTC = dt.timezone.utc
@@ -283,7 +284,7 @@ def test_a_change_between_claim_and_step_keeps_the_hour_dirty_through_catch_up(d
         locker.execute("SELECT pg_advisory_unlock(%s, %s)", key)
         thread.join(60)
     first = box["result"]
-    assert first.ok and ("2027-03-03T10:00Z", "dirty") in plan_of(first)["hourly"]
+    assert first.ok and ("2027-03-03T10:00Z", "missing") in plan_of(first)["hourly"]  # never aggregated yet
     assert "2027-03-03" not in dict(plan_of(first)["daily"])  # its day is not complete yet
     assert marks(conn) == [(hour, "execution_logs", False)]
 
@@ -304,7 +305,8 @@ def test_catch_up_fills_the_window_and_leaves_old_never_aggregated_data(db_url, 
     plan = plan_of(result)
     hourly = plan["hourly"]
     assert len(hourly) == 7 * 24 and hourly[0][0] == "2027-03-03T12:00Z" and hourly[-1][0] == "2027-03-10T11:00Z"
-    assert ("2027-03-05T10:00Z", "dirty") in hourly and {r for _, r in hourly} == {"dirty", "missing"}
+    # never aggregated, so missing (its change mark is no late data yet)
+    assert ("2027-03-05T10:00Z", "missing") in hourly and {r for _, r in hourly} == {"missing"}
     # days that ended inside the window; the ISO week that did; no month did; nothing incomplete
     assert plan["daily"] == [(f"2027-03-{d:02d}", "missing") for d in range(3, 10)]
     assert plan["weekly"] == [("2027-03-01", "missing")]
@@ -346,7 +348,7 @@ def test_a_period_is_stale_when_one_of_its_hours_was_aggregated_after_it(db_url,
     # someone re-runs the hour by hand (nothing changed in the source): the month may be behind it
     assert hourly_rollup(hour).ok
     result = catch_up(now=now)
-    assert plan_of(result)["hourly"] == [] or all(r != "dirty" for _, r in plan_of(result)["hourly"])
+    assert plan_of(result)["hourly"] == []  # the hour re-run by hand is done (the window's ran above)
     assert plan_of(result)["monthly"] == [("2027-02", "stale")]
     assert plan_of(result)["daily"] == [] and plan_of(result)["weekly"] == []  # never aggregated: not due
     assert catch_up(now=now).plans["monthly"] == []
@@ -389,7 +391,10 @@ def test_failed_buckets_are_retried_in_the_window_and_dirty_ones_at_any_age(db_u
     fault.on = False
     result = catch_up(now=now)
     assert result.ok and plan_of(result)["hourly"] == [("2027-02-06T07:00Z", "dirty")]
-    assert ("2027-02", "stale") in plan_of(result)["monthly"] or ("2027-02", "changed") in plan_of(result)["monthly"]
+    # the month had succeeded before: its hour ended after that, so it is stale; the day and week had
+    # only failed (inputs not ready): they hold a re-aggregated hour and have ended, so they run as changed
+    assert {r: plan_of(result)[r] for r in ("daily", "weekly", "monthly")} == {
+        "daily": [("2027-02-06", "changed")], "weekly": [("2027-02-01", "changed")], "monthly": [("2027-02", "stale")]}
     assert dirty_hours(conn) == set()
     assert not check_all(conn, [inside, outside],
                          [B.bucket("daily", inside), B.bucket("weekly", inside), B.bucket("monthly", outside)]
@@ -399,21 +404,23 @@ def test_failed_buckets_are_retried_in_the_window_and_dirty_ones_at_any_age(db_u
 
 
 def test_a_bucket_being_aggregated_is_left_to_its_run(db_url, conn):
-    now = t("2027-03-10T00:00")
+    now = t("2027-03-08T12:00")  # no day, week or month holding the hour has ended
     hour = t("2027-03-08T05:00")
     with psycopg.connect(db_url, autocommit=True) as other:  # a live session: its attempt is not abandoned
-        conn.execute("""INSERT INTO analytics.aggregation_runs (run_id, rollup, step, bucket_start, bucket_end, status,
-                        trigger, backend_pid) VALUES (%s, 'hourly', 'execution_metrics', %s, %s, 'running', 'manual', %s)""",
-                     (uuid.uuid4(), hour, hour + HOUR, other.info.backend_pid))
+        states.begin(conn, states.Run("manual"), "execution_metrics", [B.bucket("hourly", hour)], other.info.backend_pid)
         conn.execute("INSERT INTO analytics.dirty_log (hour, source, claimed_at) VALUES (%s, 'execution_logs', now())",
-                      (hour,))
-        hours = [label for label, _ in plan_of(catch_up(now=now, days=3))["hourly"]]
-        assert "2027-03-08T05:00Z" not in hours and len(hours) == 3 * 24 - 1
-        add(conn, execution(1, hour + US))  # a change after that run's claim: this one must run too
-        assert plan_of(catch_up(now=now, days=3))["hourly"] == [("2027-03-08T05:00Z", "dirty")]
+                     (hour,))
+        hours = [label for label, _ in plan_of(catch_up(now=now, days=1))["hourly"]]
+        assert "2027-03-08T05:00Z" not in hours and len(hours) == 24 - 1
+        add(conn, execution(1, hour + US))  # a change after that run's claim: it stays marked, unclaimed
+        assert plan_of(catch_up(now=now, days=1))["hourly"] == []
+        assert marks(conn)[-1] == (hour, "execution_logs", False)
     # the session is gone: its 'running' attempt is reaped as failed, and the hour is done again
-    assert catch_up(now=now, days=3).ok
+    result = catch_up(now=now, days=1)
+    assert result.ok and plan_of(result)["hourly"] == [("2027-03-08T05:00Z", "dirty")]
     assert conn.execute("SELECT count(*) FROM analytics.aggregation_runs WHERE status = 'running'").fetchone()[0] == 0
+    assert dirty_hours(conn) == set()
+    assert not check_all(conn, [hour], [])
 
 
 def test_cli_catch_up_reports_progress_and_exits_1_on_a_failed_step(db_url, conn, fault, capsys):
@@ -434,9 +441,7 @@ def test_cli_catch_up_reports_progress_and_exits_1_on_a_failed_step(db_url, conn
 
 
 def _cli(*args: str) -> int:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    return exc.value.code
+    return main(list(args))
 
 
 # ---- property: any interleaving of changes and catch-ups ends equal to a recomputation ----
@@ -455,8 +460,9 @@ RESET = """
 TRUNCATE public.execution_logs, analytics.user_activity, analytics.execution_metrics_hourly,
     analytics.user_activity_hourly, analytics.credit_consumption_hourly, analytics.execution_metrics_daily,
     analytics.execution_metrics_weekly, analytics.execution_metrics_monthly, analytics.dirty_log,
-    analytics.aggregation_runs;
+    analytics.aggregation_runs, analytics.bucket_state;
 INSERT INTO analytics.aggregation_runs OVERRIDING SYSTEM VALUE SELECT * FROM public.baseline_runs;
+INSERT INTO analytics.bucket_state SELECT * FROM public.baseline_state;
 """
 
 
@@ -464,22 +470,13 @@ INSERT INTO analytics.aggregation_runs OVERRIDING SYSTEM VALUE SELECT * FROM pub
 def aggregated_db(admin_url, template_db):
     """A database where every bucket up to P_NOW has been aggregated once (no data yet); each
     example of the property starts from that state again (RESET: same ledger, no rows)."""
-    name = f"tally_late_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_url, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    url = _with_db(admin_url, name)
-    result = catch_up(url, now=P_NOW, days=P_DAYS)
-    assert result.ok and result.count("monthly") == 2  # January and February
-    with psycopg.connect(url, autocommit=True) as c:
-        c.execute("CREATE TABLE public.baseline_runs AS SELECT * FROM analytics.aggregation_runs")
-    yield url
-    with psycopg.connect(admin_url, autocommit=True) as c:
-        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def _with_db(url: str, name: str) -> str:
-    base, _, query = url.partition("?")
-    return f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
+    with throwaway_db(admin_url, template_db, prefix="tally_late") as url:
+        result = catch_up(url, now=P_NOW, days=P_DAYS)
+        assert result.ok and result.count("monthly") == 2  # January and February
+        with psycopg.connect(url, autocommit=True) as c:
+            c.execute("CREATE TABLE public.baseline_runs AS SELECT * FROM analytics.aggregation_runs")
+            c.execute("CREATE TABLE public.baseline_state AS SELECT * FROM analytics.bucket_state")
+        yield url
 
 
 @st.composite

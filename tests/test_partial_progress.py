@@ -8,7 +8,7 @@ import pytest
 
 import reference as ref
 from outputs import snapshot, source_rows
-from test_correctness import _copy_executions, _heavy_rows, check_hour
+from support import copy_executions, heavy_rows, check_hour
 from strategies import insert_events
 from tally.cli import main
 
@@ -18,15 +18,13 @@ HOUR_ARG = "2026-11-24T05:00Z"
 
 
 def cli(*args) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    return exit_info.value.code
+    return main(list(args))
 
 
 @pytest.fixture
 def hour_of_data(db_url, conn):
     rng = random.Random(5)
-    _copy_executions(conn, _heavy_rows(400, HOUR, 1, workspaces=["w1", "w2", None], rng=rng))
+    copy_executions(conn, heavy_rows(400, HOUR, 1, workspaces=["w1", "w2", None], rng=rng))
     events = [{"workspace_id": rng.choice(["w1", None]), "user_id": f"u{rng.randrange(5)}",
                "session_id": rng.choice(["s1", "s2", None]), "event_type": rng.choice(["page_view", "click"]),
                "event_name": None, "page_path": "/", "metadata": None,

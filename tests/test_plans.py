@@ -9,14 +9,15 @@ ANALYZEd, so the planner sees realistic proportions instead of a tiny table.
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 
 import psycopg
 import pytest
 from psycopg import sql
 
+from support import throwaway_db
 from tally import buckets as B
-from tally.rollups import Runner, apply_step_settings
+from tally.executor import apply_step_settings
+from tally.rollups import Runner
 from tally.seed import seed
 from tally.steps import LN_GAMMA, LN_HALF_WIDTH, STEPS
 
@@ -28,18 +29,9 @@ HOURLY_TABLES = ("execution_metrics_hourly", "credit_consumption_hourly", "user_
 HISTORY_COPIES = 20  # the 72 aggregated hours copied 20 times, 3 days apart: 60 days of hourly rows
 
 
-def _with_db(url: str, name: str) -> str:
-    base, _, query = url.partition("?")
-    return f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
-
-
 @pytest.fixture(scope="module")
 def plan_db(admin_url, template_db):
-    name = f"tally_plans_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_url, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    url = _with_db(admin_url, name)
-    try:
+    with throwaway_db(admin_url, template_db, prefix="tally_plans") as url:
         start = DAY - 24 * HOUR
         with psycopg.connect(url) as conn:
             seed(conn, start=start, hours=72, workspaces=20, executions_per_hour=300, events_per_hour=900, seed=3)
@@ -59,11 +51,14 @@ def plan_db(admin_url, template_db):
                         sql.SQL("hour - k * interval '3 days'") if col == "hour" else sql.Identifier(col)
                         for col in cols)),
                     [HISTORY_COPIES, start, start + 72 * HOUR])
+            # and the states of those older hours (60 days of hourly history there too)
+            conn.execute("INSERT INTO analytics.bucket_state (rollup, step, bucket_start, bucket_end, state, attempt_id, "
+                         "attempt, ok_started_at, ok_finished_at) SELECT rollup, step, "
+                         "bucket_start - k * interval '3 days', bucket_end - k * interval '3 days', state, attempt_id, "
+                         "attempt, ok_started_at, ok_finished_at FROM analytics.bucket_state, generate_series(1, %s) k",
+                         [HISTORY_COPIES])
             conn.execute("VACUUM ANALYZE")
         yield url
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as c:
-            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def plan(url: str, step_name: str, start: dt.datetime) -> dict:
@@ -146,27 +141,27 @@ def test_stale_key_removal_and_upserts_use_the_hour_key(plan_db):
             assert "hour =" in read["index_cond"], (step_name, read)
 
 
-def test_period_preparation_probes_each_hour_with_output_once(plan_db):
-    """Planning a period (which hours must be aggregated first) costs one index probe per hour
-    that holds output rows, not a search per hour that is not ready.
-
-    Here most of the month is not ready (its hours hold copied hourly rows but no ledger runs).
-    A per-hour EXISTS on credit_consumption_hourly used to run for every such hour, and
-    PostgreSQL may plan each as a sequential scan (~9 s for a month at 4 M executions a day)."""
+def test_period_preparation_reads_states_by_index_and_probes_each_unknown_hour_once(plan_db):
+    """Planning a period (which hours must be aggregated first) costs one indexed read of its
+    hours' states, and for the hours never aggregated one index probe each into the source:
+    never a scan of the source or of the state table (a per-hour search that PostgreSQL may
+    plan as a sequential scan cost ~9 s for a month at 4 M executions a day)."""
     from tally.queries import query
     from tally.steps import PERIOD_INPUTS
     month = B.bucket("monthly", DAY)
-    params = dict(start=month.start, end=month.end, steps=list(PERIOD_INPUTS))
+    hours = B.hours_of(month)
     with psycopg.connect(plan_db) as conn:
-        root = conn.execute(sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) ") + sql.SQL(query("hours_to_prepare")),  # type: ignore[arg-type]
-                            params).fetchone()[0][0]["Plan"]
-        for table in ("execution_metrics_hourly", "credit_consumption_hourly"):
-            present = conn.execute(sql.SQL("SELECT count(DISTINCT hour) FROM {} WHERE hour >= %s AND hour < %s").format(
-                sql.Identifier("analytics", table)), [month.start, month.end]).fetchone()[0]
-            scans = [n for n in nodes(root) if n.get("Relation Name") == table]
-            assert scans, f"hours_to_prepare does not look at {table}"
-            assert all(n["Node Type"] in ("Index Scan", "Index Only Scan") for n in scans), (table, scans)
-            probes = sum(n["Actual Loops"] for n in scans)
-            assert 0 < present and probes <= present + 2, (table, probes, present)
-    for read in reads_of(root, "execution_logs"):
-        assert_range_read(read, "started_at")
+        conn.execute("SET TIME ZONE 'UTC'")
+        states = conn.execute(sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) ") + sql.SQL(query("state_of_ranges")),  # type: ignore[arg-type]
+                              dict(rollup="monthly", steps=["monthly_metrics"], inputs=list(PERIOD_INPUTS),
+                                   los=[month.start], his=[month.end])).fetchone()[0][0]["Plan"]
+        for table in ("bucket_state",):  # (the dirty log is small by design: marks are cleared once read)
+            scans = [n for n in nodes(states) if n.get("Relation Name") == table]
+            assert scans and all(n["Node Type"] in ("Index Scan", "Index Only Scan", "Bitmap Heap Scan") for n in scans), (table, scans)
+        probe = conn.execute(sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) ") + sql.SQL(query("hours_with_executions")),  # type: ignore[arg-type]
+                             dict(hours=hours)).fetchone()[0][0]["Plan"]
+        reads = [n for n in nodes(probe) if n.get("Relation Name") == "execution_logs"]
+        assert reads and all(n["Node Type"] in ("Index Scan", "Index Only Scan") for n in reads), reads
+        assert sum(n["Actual Loops"] for n in reads) == len(hours)  # one probe an hour
+        for read in reads_of(probe, "execution_logs"):
+            assert_range_read(read, "started_at")

@@ -28,10 +28,10 @@ import pytest
 from psycopg import sql
 
 import reference as ref
-from celery_support import Worker, client, free_port, wait_for, with_db
+from celery_support import Worker, client, free_port, wait_for
 from outputs import source_rows
 from strategies import insert_events, insert_executions
-from test_correctness import _copy_executions, _heavy_rows, check_hour, check_period
+from support import check_hour, check_period, copy_executions, heavy_rows, with_db
 from test_fuzz_cli import assert_rejected, fingerprint, invoke
 import tally
 from tally import buckets as B
@@ -178,7 +178,7 @@ SLOTS = [  # argv with one slot (X) for the hostile string
 @pytest.fixture
 def data_db(db_url, conn):
     rng = random.Random(23)
-    _copy_executions(conn, _heavy_rows(120, H, 2, workspaces=["w1", "w2"], rng=rng))
+    copy_executions(conn, heavy_rows(120, H, 2, workspaces=["w1", "w2"], rng=rng))
     return conn
 
 
@@ -428,7 +428,7 @@ def test_no_command_leaks_the_database_password(admin_url, roles_made, broker, t
 WRITES = ["INSERT INTO {t} DEFAULT VALUES", "UPDATE {t} SET {c} = {c}", "DELETE FROM {t}", "TRUNCATE {t}"]
 SOURCE = ["public.execution_logs", "analytics.user_activity"]
 OUTPUTS = [f"analytics.{s.table}" for s in STEPS.values()]
-LEDGER = ["analytics.aggregation_runs", "analytics.dirty_log"]
+LEDGER = ["analytics.aggregation_runs", "analytics.bucket_state", "analytics.dirty_log"]
 
 
 def _denied(url: str, statement: str) -> bool:
@@ -451,7 +451,7 @@ def roles_db(db_url, conn, roles_made, admin_url):
     """A migrated database with data, `tally db roles` applied, and a login member of each role."""
     roles_made.dbs.append(db_url)
     rng = random.Random(5)
-    _copy_executions(conn, _heavy_rows(200, H, 2, workspaces=["w1", "w2", None], rng=rng))
+    copy_executions(conn, heavy_rows(200, H, 2, workspaces=["w1", "w2", None], rng=rng))
     with conn.transaction():
         insert_events(conn, [{"workspace_id": "w1", "user_id": "u1", "session_id": "s", "event_type": "page_view",
                               "event_name": None, "page_path": "/", "metadata": None,

@@ -14,6 +14,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from .config import settings
+
 log = logging.getLogger("tally")
 
 TIMEOUT = 5.0  # seconds: a slow receiver must not hold a worker process
@@ -69,7 +71,7 @@ def task_failed(task: str, task_id: str | None, attempts: int, failures: list[di
         "worker": f"{socket.gethostname()}:{os.getpid()}",
         "time": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
-    url = os.environ.get("TALLY_ALERT_WEBHOOK")
+    url = settings().alert_webhook
     if url:
         post(url, payload)
     return payload

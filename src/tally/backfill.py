@@ -1,43 +1,34 @@
 """Backfill a range and retry failed steps: the operator's bulk re-runs.
 
 A backfill runs every bucket of the chosen rollups lying wholly inside a range,
-each hour before the day, week and month that contain it. It is resumable: a
-bucket whose steps are all ``ok`` (see :func:`tally.status.bucket_states`) is
-skipped unless forced, and of a partly done bucket only the steps that are not
-``ok`` run. A stop request (Ctrl-C) takes effect after the step that is running,
+each hour before the day, week and month that contain it. It is resumable: of each
+bucket it runs the steps that need work (tally/plan.py: missing, failed or dirty),
+all of them when forced. A stop request (Ctrl-C) takes effect before the next step,
 so a re-run continues where this one stopped.
 
 With a queue, every bucket becomes one ``tally.backfill_bucket`` task: the hours
-first; once the workers have finished them (the ledger says so), the days, weeks
+first; once the workers have finished them (their states say so), the days, weeks
 and months, which read only hourly rows.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.text import Text
+import psycopg
 
 from . import buckets as B
+from . import ledger as L
+from . import plan as P
+from . import state as S
 from .buckets import Bucket
 from .db import connect
 from .queries import query
 from .rollups import RollupResult, Runner, StepResult
-from .status import DIRTY, OK, RUNNING, bucket_states, failed_steps, first_line, reap_abandoned
-from .steps import ROLLUP_STEPS
 
 _RANK = {r: i for i, r in enumerate(B.ROLLUPS)}
-
-
-class Stopped(BaseException):
-    """Raised between two steps once a stop was requested (not an error: nothing is half done)."""
 
 
 def plan(start: dt.datetime, end: dt.datetime, rollups: list[str]) -> list[Bucket]:
@@ -46,15 +37,10 @@ def plan(start: dt.datetime, end: dt.datetime, rollups: list[str]) -> list[Bucke
     return sorted(found, key=lambda b: (b.end, _RANK[b.rollup], b.start))
 
 
-def pending_steps(conn, bucket: Bucket, force: bool = False) -> list[str]:
-    """The steps of ``bucket`` a backfill must run: all if forced, else those that are not ok."""
-    if force:
-        return list(ROLLUP_STEPS[bucket.rollup])
-    cells = bucket_states(conn, bucket.rollup, bucket.start, bucket.end)[bucket]
-    if bucket.rollup == "hourly" and DIRTY in cells.values():
-        # the whole hour, as catch-up does: only a success of every step clears its change marks
-        return list(ROLLUP_STEPS["hourly"])
-    return [step for step, state in cells.items() if state != OK]
+def pending_steps(conn: psycopg.Connection, bucket: Bucket, force: bool = False) -> list[str]:
+    """The steps of ``bucket`` a backfill runs: those that need work, or all if forced."""
+    bs = S.of(conn, bucket)
+    return P.forced(bs) if force else P.work(bs)
 
 
 @dataclass
@@ -105,16 +91,12 @@ class Backfill:
         self._stop = False
 
     def stop(self) -> None:
-        """Stop after the step that is running now."""
+        """Stop before the next step (the one running now finishes and commits)."""
         self._stop = True
 
     def _on_step(self, bucket: Bucket, sr: StepResult) -> None:
-        # the Runner calls this after the step's commit (or rollback) and its ledger row:
-        # raising here stops between two steps, with nothing half done
         self.report.record(bucket, sr)
         self.on_update(self.report)
-        if self._stop:
-            raise Stopped
 
     # -- in this process -------------------------------------------------------------------
     def run(self) -> Report:
@@ -122,24 +104,24 @@ class Backfill:
         work = plan(self.start, self.end, self.rollups)
         self.report.total = len(work)
         with connect(self.url, autocommit=True) as conn, \
-                Runner(self.url, trigger="backfill", on_step=self._on_step) as runner:
-            reap_abandoned(conn)
-            try:
-                for bucket in work:
-                    if self._stop:
-                        raise Stopped
-                    self.report.current = str(bucket)
-                    self.on_update(self.report)
-                    steps = pending_steps(conn, bucket, self.force)  # a period: after its hours ran
-                    if steps:
-                        runner.run(bucket, steps)
-                        self.report.ran += 1
-                    else:
-                        self.report.skipped += 1
-                    self.report.done += 1
-                    self.on_update(self.report)
-            except Stopped:
-                self.report.stopped = True
+                Runner(self.url, trigger="backfill", on_step=self._on_step, should_stop=lambda: self._stop) as runner:
+            S.reap(conn)
+            for bucket in work:
+                if self._stop:
+                    break
+                self.report.current = str(bucket)
+                self.on_update(self.report)
+                steps = pending_steps(conn, bucket, self.force)  # a period: after its hours ran
+                if steps:
+                    result = runner.run(bucket, steps)
+                    self.report.ran += 1
+                    if result.stopped:
+                        break
+                else:
+                    self.report.skipped += 1
+                self.report.done += 1
+                self.on_update(self.report)
+        self.report.stopped = self._stop
         self.report.finished = time.monotonic()
         return self.report
 
@@ -148,20 +130,21 @@ class Backfill:
         """Send one ``tally.backfill_bucket`` task per bucket that needs work; wait for the workers.
 
         Hours go first; days, weeks and months (built from hourly rows only) are sent once
-        every queued hour has a finished ledger row, so no worker re-does an hour another
+        every queued hour has a finished attempt, so no worker re-does an hour another
         worker is running.
         """
         from .tasks import app, check_broker
 
         check_broker()
-        phases = [[r for r in self.rollups if r == "hourly"], [r for r in self.rollups if r != "hourly"]]
+        phases = [[r for r in self.rollups if B.grain(r).parts is None],
+                  [r for r in self.rollups if B.grain(r).parts is not None]]
         self.report.total = len(plan(self.start, self.end, self.rollups))
         with connect(self.url, autocommit=True) as conn:
-            reap_abandoned(conn)
+            S.reap(conn)
             for rollups in phases:
                 if not rollups or self._stop:
                     continue
-                marker = conn.execute(query("ops_ledger_marker")).fetchone()[0]
+                marker = L.marker(conn)
                 wanted: dict[Bucket, list[str]] = {}
                 for rollup in rollups:
                     for bucket in B.within(rollup, self.start, self.end):
@@ -184,7 +167,7 @@ class Backfill:
     def _wait(self, conn, rollups: list[str], wanted: dict[Bucket, list[str]], sent: dict, marker: int,
               poll: float) -> None:
         """Until every wanted step has an attempt after ``marker`` that is no longer running
-        (or its task failed for good before it could write one)."""
+        (or its task failed for good before it could make one)."""
         waiting = dict(wanted)
         rows_before = self.report.rows
         polls = 0
@@ -193,20 +176,20 @@ class Backfill:
             if self._stop:
                 self.report.stopped = True
                 return
-            reap_abandoned(conn)
-            latest = {(r, s, t): (status, written, error) for r, s, t, status, written, error in conn.execute(
-                query("ops_attempts_since"), dict(marker=marker, rollups=rollups, start=self.start, end=self.end))}
+            S.reap(conn)
+            latest = {(r, s, t): (st, written, error) for r, s, t, st, written, error in conn.execute(
+                query("state_changed_after"), dict(marker=marker, rollups=rollups, start=self.start, end=self.end))}
             self.report.rows = rows_before + sum(w or 0 for _, w, _ in latest.values())
             for bucket in list(waiting):
                 seen = [latest.get((bucket.rollup, s, bucket.start)) for s in waiting[bucket]]
-                if all(st is not None and st[0] != RUNNING for st in seen):
+                if all(st is not None and st[0] != "running" for st in seen):
                     self.report.failed += [(str(bucket), step, st[2] or "")
                                            for step, st in zip(waiting[bucket], seen) if st[0] == "failed"]
                     self.report.steps += len(seen)
                     self.report.ran += 1
                     self.report.done += 1
                     del waiting[bucket]
-                # every 20 polls (~10 s), ask the result backend for tasks that died without a ledger row
+                # every 20 polls (~10 s), ask the result backend for tasks that died without an attempt
                 elif polls % 20 == 0 and (lost := _final_failure(sent.get(bucket))) is not None:
                     self.report.failed.append((str(bucket), "(task)", lost))
                     self.report.done += 1
@@ -223,7 +206,7 @@ def _final_failure(result) -> str | None:
     try:
         if result is not None and result.state in ("FAILURE", "REVOKED"):
             return f"task {result.id} {result.state.lower()}: {result.result!r}"
-    except Exception:  # no result backend, or it is unreachable: the ledger alone decides
+    except Exception:  # no result backend, or it is unreachable: the state alone decides
         return None
     return None
 
@@ -240,16 +223,16 @@ def retry_failed(url: str, since: dt.datetime | None = None,
         on_update(report)
 
     with connect(url, autocommit=True) as conn, Runner(url, trigger="retry", on_step=on_step) as runner:
-        reap_abandoned(conn)
-        todo = failed_steps(conn, since)
+        S.reap(conn)
+        todo = P.failing(conn, since)
         report.total = len(todo)
-        for bucket, steps in todo.items():
-            report.current = str(bucket)
+        for planned in todo:
+            report.current = str(planned.bucket)
             on_update(report)
             # an earlier retry in this loop (a period preparing its hours) may have fixed it already
-            steps = [s for s in steps if s in pending_steps(conn, bucket)]
+            steps = [s for s in planned.steps if s in P.retryable(S.of(conn, planned.bucket))]
             if steps:
-                results.append(runner.run(bucket, steps))
+                results.append(runner.run(planned.bucket, steps))
                 report.ran += 1
             else:
                 report.skipped += 1
@@ -257,83 +240,3 @@ def retry_failed(url: str, since: dt.datetime | None = None,
             on_update(report)
     report.finished = time.monotonic()
     return report, results
-
-
-# ---- on a terminal ----------------------------------------------------------------------------
-
-class _Rates(ProgressColumn):
-    """Output rows and buckets per second since the start."""
-
-    def render(self, task) -> Text:
-        report: Report | None = task.fields.get("report")
-        if report is None or report.seconds <= 0:
-            return Text("")
-        return Text(f"{report.rows / report.seconds:,.0f} rows/s · {report.ran / report.seconds:.1f} buckets/s",
-                    style="progress.data.speed")
-
-
-class ProgressView:
-    """A Rich progress bar fed with :class:`Report` updates: buckets done, rates, ETA."""
-
-    def __init__(self, console: Console, title: str):
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("buckets"), _Rates(), TimeRemainingColumn(), console=console,
-                                 transient=True, disable=not console.is_terminal)
-        self.task = self.progress.add_task(title, total=None, report=None)
-
-    def __enter__(self) -> "ProgressView":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
-
-    def update(self, report: Report) -> None:
-        self.progress.update(self.task, total=report.total or None, completed=report.done, report=report,
-                             description=report.current or "")
-
-
-@contextlib.contextmanager
-def stop_on_signals(job: Backfill, console: Console) -> Iterator[None]:
-    """Ctrl-C (or SIGTERM) once: stop after the current step. Ctrl-C twice: stop now (rolled back)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def first(signum, frame) -> None:
-        job.stop()
-        console.print("[yellow]stopping after the current step[/] (Ctrl-C again to stop at once; "
-                      "that step is then rolled back)")
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in saved:
-        signal.signal(s, first)
-    try:
-        yield
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-
-
-def print_report(console: Console, report: Report, what: str) -> None:
-    """The one-paragraph outcome of a backfill or retry."""
-    secs = max(report.seconds, 1e-9)
-    line = (f"{what}: {report.done} of {report.total} bucket(s) done: {report.ran} ran, "
-            f"{report.skipped} already done; {report.steps} step(s), {len(report.failed)} failed; "
-            f"{report.rows:,} rows in {report.seconds:.1f}s "
-            f"({report.rows / secs:,.0f} rows/s, {report.ran / secs:.1f} buckets/s)")
-    if report.queued:
-        line += f"; {report.queued} task(s) queued"
-    console.print(line)
-    for bucket, step, error in report.failed[:20]:
-        console.print(f"  [bold red]failed[/] {bucket} {step}: {first_line(error)}")
-    if len(report.failed) > 20:
-        console.print(f"  … and {len(report.failed) - 20} more: `tally runs --failed`")
-    if report.failed:
-        console.print("  re-run them with `tally retry-failed`")
-    if report.stopped and report.queued:
-        console.print("[yellow]stopped waiting[/]: the tasks sent stay queued; run the same command again "
-                      "to send the rest")
-    elif report.stopped:
-        console.print("[yellow]stopped[/]: what finished is committed; run the same command again to continue")

@@ -1,7 +1,13 @@
 """Bucket arithmetic: every bucket is a half-open UTC interval [start, end).
 
-A rollup works on one kind of bucket: hourly on hours, daily on UTC days,
-weekly on ISO weeks (Monday 00:00), monthly on calendar months.
+A :class:`Grain` is one kind of bucket — hour, day, ISO week, calendar month —
+and knows how to floor a time to its bucket, step to the next one, parse what a
+user typed, label a bucket, and which column names it in its output table. A
+rollup works on one grain (``hourly`` on hours, ``daily`` on UTC days, …); the
+rollup names are SPEC's, the grain is what code asks.
+
+A new grain (a day in a workspace's own time zone, say) is one more subclass:
+``floor`` and ``advance`` in its zone, ``parse`` and ``label`` for its text.
 """
 from __future__ import annotations
 
@@ -13,10 +19,143 @@ from typing import Iterator
 from .errors import InvalidInput
 
 UTC = dt.timezone.utc
-ROLLUPS = ("hourly", "daily", "weekly", "monthly")
-KIND = {"hourly": "hour", "daily": "day", "weekly": "week", "monthly": "month"}
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _MONTH = re.compile(r"^(\d{4})-(\d{2})$")
+
+
+class Grain:
+    """One kind of bucket. Subclasses define ``floor``, ``_next``, ``parse`` and ``label``."""
+
+    rollup: str  # the rollup that works on this grain (SPEC's name)
+    name: str  # hour | day | week | month
+    column: str  # the bucket column of the rollup's output table
+    unit: str  # the date_trunc field of this grain (SQL)
+    parts: "Grain | None" = None  # the finer grain this one is built from (None: read from the source)
+
+    def floor(self, t: dt.datetime) -> dt.datetime:
+        """Start of the bucket that contains ``t``."""
+        raise NotImplementedError
+
+    def _next(self, start: dt.datetime) -> dt.datetime:
+        raise NotImplementedError
+
+    def parse(self, text: str) -> dt.datetime:
+        """The start of the bucket a user named (one-line InvalidInput otherwise)."""
+        raise NotImplementedError
+
+    def label(self, start: dt.datetime) -> str:
+        """How a bucket is written for people and in ``--json`` (it parses back)."""
+        raise NotImplementedError
+
+    def advance(self, start: dt.datetime) -> dt.datetime:
+        """Start of the bucket after the one starting at ``start``."""
+        try:
+            return self._next(start)
+        except (OverflowError, ValueError):  # past 9999-12-31: Python's datetime ends there
+            raise InvalidInput(f"the {self.name} after {start.isoformat()} is out of range") from None
+
+    def bucket(self, t: dt.datetime) -> "Bucket":
+        """The bucket that contains ``t``."""
+        start = self.floor(t)
+        return Bucket(self.rollup, start, self.advance(start))
+
+    def __repr__(self) -> str:
+        return f"<grain {self.name}>"
+
+
+class _Hour(Grain):
+    rollup, name, column, unit = "hourly", "hour", "hour", "hour"
+
+    def floor(self, t):
+        return t.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+    def _next(self, start):
+        return start + dt.timedelta(hours=1)
+
+    def parse(self, text):
+        return parse_time(text, "hour")
+
+    def label(self, start):
+        return f"{start.year:04d}-{start:%m-%dT%H}:00Z"  # %Y drops the padding before 1000
+
+
+def _midnight(t: dt.datetime) -> dt.datetime:
+    return t.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+class _Day(Grain):
+    rollup, name, column, unit = "daily", "day", "date", "day"
+
+    def floor(self, t):
+        return _midnight(t)
+
+    def _next(self, start):
+        return start + dt.timedelta(days=1)
+
+    def parse(self, text):
+        return parse_date(text)
+
+    def label(self, start):
+        return start.date().isoformat()
+
+
+class _Week(Grain):
+    rollup, name, column, unit = "weekly", "week", "week_start", "week"
+
+    def floor(self, t):
+        day = _midnight(t)
+        return day - dt.timedelta(days=day.weekday())
+
+    def _next(self, start):
+        return start + dt.timedelta(days=7)
+
+    def parse(self, text):
+        start = parse_date(text, "week")
+        if start.weekday() != 0:
+            monday = start - dt.timedelta(days=start.weekday())
+            raise InvalidInput(f"invalid week {text!r}: not a Monday (that ISO week starts {monday.date()})")
+        return start
+
+    def label(self, start):
+        return start.date().isoformat()
+
+
+class _Month(Grain):
+    rollup, name, column, unit = "monthly", "month", "month", "month"
+
+    def floor(self, t):
+        return _midnight(t).replace(day=1)
+
+    def _next(self, start):
+        return start.replace(year=start.year + (start.month == 12), month=start.month % 12 + 1)
+
+    def parse(self, text):
+        m = _MONTH.match(text.strip())
+        if not m:
+            raise InvalidInput(f"invalid month {text!r}: expected YYYY-MM")
+        year, month = int(m.group(1)), int(m.group(2))
+        if not (1 <= month <= 12) or year < 1:
+            raise InvalidInput(f"invalid month {text!r}: no such month")
+        return dt.datetime(year, month, 1, tzinfo=UTC)
+
+    def label(self, start):
+        return f"{start.year:04d}-{start:%m}"
+
+
+HOUR, DAY, WEEK, MONTH = _Hour(), _Day(), _Week(), _Month()
+for _g in (DAY, WEEK, MONTH):
+    _g.parts = HOUR  # days, weeks and months are built from hourly rows, never from the source
+GRAINS: dict[str, Grain] = {g.rollup: g for g in (HOUR, DAY, WEEK, MONTH)}
+ROLLUPS = tuple(GRAINS)  # hourly, daily, weekly, monthly: finest first
+KIND = {r: g.name for r, g in GRAINS.items()}
+
+
+def grain(rollup: str) -> Grain:
+    """The grain of ``rollup``; an unknown rollup is invalid input (one line)."""
+    try:
+        return GRAINS[rollup]
+    except (KeyError, TypeError):
+        raise InvalidInput(f"unknown rollup {rollup!r} (expected one of {', '.join(ROLLUPS)})") from None
 
 
 @dataclass(frozen=True, order=True)
@@ -28,16 +167,16 @@ class Bucket:
     end: dt.datetime
 
     @property
+    def grain(self) -> Grain:
+        return GRAINS[self.rollup]
+
+    @property
     def kind(self) -> str:
-        return KIND[self.rollup]
+        return self.grain.name
 
     @property
     def label(self) -> str:
-        if self.rollup == "hourly":
-            return f"{self.start.year:04d}-{self.start:%m-%dT%H}:00Z"  # %Y drops the padding before 1000
-        if self.rollup == "monthly":
-            return f"{self.start.year:04d}-{self.start:%m}"
-        return self.start.date().isoformat()
+        return self.grain.label(self.start)
 
     def __str__(self) -> str:
         return f"{self.rollup} {self.label}"
@@ -45,65 +184,34 @@ class Bucket:
 
 def floor(rollup: str, t: dt.datetime) -> dt.datetime:
     """Start of the bucket of ``rollup`` that contains ``t``."""
-    t = t.astimezone(UTC)
-    if rollup == "hourly":
-        return t.replace(minute=0, second=0, microsecond=0)
-    day = t.replace(hour=0, minute=0, second=0, microsecond=0)
-    if rollup == "daily":
-        return day
-    if rollup == "weekly":
-        return day - dt.timedelta(days=day.weekday())
-    if rollup == "monthly":
-        return day.replace(day=1)
-    raise InvalidInput(f"unknown rollup {rollup!r} (expected one of {', '.join(ROLLUPS)})")
+    return grain(rollup).floor(t)
 
 
 def advance(rollup: str, start: dt.datetime) -> dt.datetime:
     """Start of the bucket after the one starting at ``start``."""
-    try:
-        return _advance(rollup, start)
-    except (OverflowError, ValueError) as exc:  # past 9999-12-31: Python's datetime ends there
-        if isinstance(exc, InvalidInput):
-            raise
-        raise InvalidInput(f"the {KIND.get(rollup, rollup)} after {start.isoformat()} is out of range") from None
-
-
-def _advance(rollup: str, start: dt.datetime) -> dt.datetime:
-    if rollup == "hourly":
-        return start + dt.timedelta(hours=1)
-    if rollup == "daily":
-        return start + dt.timedelta(days=1)
-    if rollup == "weekly":
-        return start + dt.timedelta(days=7)
-    if rollup == "monthly":
-        return start.replace(year=start.year + (start.month == 12), month=start.month % 12 + 1)
-    raise InvalidInput(f"unknown rollup {rollup!r} (expected one of {', '.join(ROLLUPS)})")
+    return grain(rollup).advance(start)
 
 
 def bucket(rollup: str, start: dt.datetime) -> Bucket:
-    start = floor(rollup, start)
-    return Bucket(rollup, start, advance(rollup, start))
-
-
-def containing(rollup: str, t: dt.datetime) -> Bucket:
-    return bucket(rollup, t)
+    """The bucket of ``rollup`` that contains ``start``."""
+    return grain(rollup).bucket(start)
 
 
 def last_complete(rollup: str, now: dt.datetime | None = None) -> Bucket:
     """The newest bucket of ``rollup`` that has ended by ``now``."""
+    g = grain(rollup)
     now = now or dt.datetime.now(UTC)
-    current = floor(rollup, now)
-    previous = floor(rollup, current - dt.timedelta(microseconds=1))
-    return bucket(rollup, previous)
+    return g.bucket(g.floor(now) - dt.timedelta(microseconds=1))
 
 
 def within(rollup: str, start: dt.datetime, end: dt.datetime) -> Iterator[Bucket]:
     """Every bucket of ``rollup`` lying wholly inside [start, end)."""
-    s = floor(rollup, start)
+    g = grain(rollup)
+    s = g.floor(start)
     if s < start:
-        s = advance(rollup, s)
+        s = g.advance(s)
     while True:
-        e = advance(rollup, s)
+        e = g.advance(s)
         if e > end:
             return
         yield Bucket(rollup, s, e)
@@ -112,11 +220,17 @@ def within(rollup: str, start: dt.datetime, end: dt.datetime) -> Iterator[Bucket
 
 def touching(rollup: str, start: dt.datetime, end: dt.datetime) -> Iterator[Bucket]:
     """Every bucket of ``rollup`` that overlaps [start, end)."""
-    s = floor(rollup, start)
+    g = grain(rollup)
+    s = g.floor(start)
     while s < end:
-        e = advance(rollup, s)
+        e = g.advance(s)
         yield Bucket(rollup, s, e)
         s = e
+
+
+def hours_of(b: Bucket) -> list[dt.datetime]:
+    """The start of every hour inside ``b``."""
+    return [b.start + dt.timedelta(hours=i) for i in range(int((b.end - b.start).total_seconds()) // 3600)]
 
 
 # ---- parsing user input: one-line errors naming the value --------------------------
@@ -153,36 +267,37 @@ def parse_date(text: str, what: str = "date") -> dt.datetime:
 
 
 def parse_week(text: str) -> dt.datetime:
-    start = parse_date(text, "week")
-    if start.weekday() != 0:
-        monday = start - dt.timedelta(days=start.weekday())
-        raise InvalidInput(f"invalid week {text!r}: not a Monday (that ISO week starts {monday.date()})")
-    return start
+    return WEEK.parse(text)
 
 
 def parse_month(text: str) -> dt.datetime:
-    m = _MONTH.match(text.strip())
-    if not m:
-        raise InvalidInput(f"invalid month {text!r}: expected YYYY-MM")
-    year, month = int(m.group(1)), int(m.group(2))
-    if not (1 <= month <= 12) or year < 1:
-        raise InvalidInput(f"invalid month {text!r}: no such month")
-    return dt.datetime(year, month, 1, tzinfo=UTC)
+    return MONTH.parse(text)
 
 
 def parse_bucket(rollup: str, text: str | None, now: dt.datetime | None = None) -> Bucket:
     """The bucket a user named for ``rollup`` (default: the last complete one)."""
-    if rollup not in ROLLUPS:
-        raise InvalidInput(f"unknown rollup {rollup!r} (expected one of {', '.join(ROLLUPS)})")
+    g = grain(rollup)
     if text is None:
         return last_complete(rollup, now)
-    if rollup == "hourly":
-        return bucket(rollup, parse_time(text, "hour"))
-    if rollup == "daily":
-        return bucket(rollup, parse_date(text))
-    if rollup == "weekly":
-        return bucket(rollup, parse_week(text))
-    return bucket(rollup, parse_month(text))
+    return g.bucket(g.parse(text))
+
+
+def as_bucket(rollup: str, value) -> Bucket:
+    """A bucket from a Bucket, ISO text, a datetime or a date that starts one (Python API input)."""
+    g = grain(rollup)
+    if isinstance(value, Bucket):
+        return value
+    if isinstance(value, str):
+        return parse_bucket(rollup, value)
+    if isinstance(value, dt.datetime):
+        v = value if value.tzinfo else value.replace(tzinfo=UTC)
+        b = g.bucket(v)
+        if b.start != v.astimezone(UTC):
+            raise InvalidInput(f"invalid {g.name} {value.isoformat()!r}: not the start of a {g.name}")
+        return b
+    if isinstance(value, dt.date):
+        return as_bucket(rollup, dt.datetime(value.year, value.month, value.day, tzinfo=UTC))
+    raise InvalidInput(f"invalid {g.name} {value!r}")
 
 
 def parse_range(start: str, end: str, max_days: int | None = None) -> tuple[dt.datetime, dt.datetime]:
@@ -203,6 +318,5 @@ def parse_rollups(text: str) -> list[str]:
     if not names:
         raise InvalidInput(f"invalid --rollups {text!r}: expected a list like hourly,daily")
     for n in names:
-        if n not in ROLLUPS:
-            raise InvalidInput(f"unknown rollup {n!r} (expected one of {', '.join(ROLLUPS)})")
+        grain(n)
     return [r for r in ROLLUPS if r in names]

@@ -20,10 +20,9 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover
     from click import ClickException as _ClickException
 from rich.console import Console
-from rich.table import Table
 
 from . import buckets as B
-from .errors import InvalidInput, TallyError, Unreachable
+from .errors import InvalidInput, TallyError
 
 app = typer.Typer(
     add_completion=False,
@@ -164,22 +163,9 @@ def print_rollup(result, as_json: bool = False) -> None:
     if as_json:
         _emit_json(result.as_dict())
         return
-    if result.prepared:
-        n_ok = sum(1 for p in result.prepared if p.ok)
-        out.print(f"prepared {len(result.prepared)} hour(s) of {result.bucket.label} first "
-                  f"({n_ok} ok, {len(result.prepared) - n_ok} failed)")
-    if not result.steps:
-        out.print(f"{result.bucket}: nothing to do (every step already succeeded)")
-        return
-    table = Table(title=f"{result.bucket}{' (atomic)' if result.atomic else ''}", title_justify="left")
-    for col in ("step", "status", "rows", "attempt", "seconds", "error"):
-        table.add_column(col, justify="right" if col in ("rows", "attempt", "seconds") else "left")
-    colors = {"succeeded": "green", "failed": "red", "skipped": "yellow"}
-    for s in result.steps:
-        table.add_row(s.step, f"[{colors.get(s.status, 'white')}]{s.status}[/]",
-                      "" if s.rows is None else f"{s.rows:,}", str(s.attempt), f"{s.seconds:.3f}",
-                      (s.error or "").splitlines()[0] if s.error else "")
-    out.print(table)
+    from .terminal import print_rollup as show
+
+    show(out, result)
 
 
 def _run(rollup: str, when: Optional[str], steps: Optional[List[str]], atomic: bool, as_json: bool) -> None:
@@ -241,38 +227,13 @@ def run_monthly(month: Optional[str] = typer.Option(None, help="The month, YYYY-
 @app.command("catch-up")
 def catch_up(as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
     """Every dirty, missing or failed bucket: hours first, then the days, weeks and months due."""
-    from collections import Counter
-
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     from . import catchup
+    from .terminal import CatchUpView
 
     url = say_database()
     say = err.print if as_json else out.print  # with --json, stdout holds only the JSON
-    colors = {"succeeded": "green", "failed": "red", "skipped": "yellow"}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  console=err, transient=True) as progress:
-        task = None
-
-        def on_plan(rollup, planned) -> None:
-            nonlocal task
-            why = ", ".join(f"{n} {r}" for r, n in sorted(Counter(p.reason for p in planned).items()))
-            say(f"{rollup}: {len(planned)} to run" + (f" ({why})" if why else ""))
-            if task is not None:
-                progress.remove_task(task)
-            task = progress.add_task(rollup, total=len(planned))
-
-        def on_bucket(result) -> None:
-            progress.update(task, advance=1, description=str(result.bucket))
-            for r in [*result.prepared, result]:
-                if not r.ok or any(s.status == "skipped" for s in r.steps):
-                    for s in r.steps:
-                        if s.status != "succeeded":
-                            first = escape(s.error.splitlines()[0]) if s.error else ""
-                            progress.console.print(f"  {r.bucket} {s.step}: [{colors[s.status]}]{s.status}[/] {first}")
-
-        result = catchup.catch_up(url, on_plan=on_plan, on_bucket=on_bucket)
+    with CatchUpView(say, err) as view:
+        result = catchup.catch_up(url, on_plan=view.on_plan, on_bucket=view.on_bucket)
     n = len(result.buckets)
     prepared = sum(len(r.prepared) for r in result.buckets)
     say(f"catch-up: {n} bucket(s) run" + (f", {prepared} hour(s) prepared for them" if prepared else "")
@@ -306,16 +267,17 @@ def backfill(
     unless --force. Ctrl-C stops after the current step; run the command again to continue.
     """
     from . import backfill as bf
+    from . import terminal as T
 
     start, end = _range(from_, to)
     names = B.parse_rollups(rollups)
     url = say_database()
     job = bf.Backfill(url, start, end, names, force=force)
-    with bf.ProgressView(err, "backfill") as view, bf.stop_on_signals(job, err):
+    with T.ProgressView(err, "backfill") as view, T.stop_on_signals(job.stop, err):
         job.on_update = view.update
         report = job.run_queued() if queue else job.run()
-    bf.print_report(err if as_json else out, report,
-                    f"backfill {B.bucket('hourly', start).label} .. {B.bucket('hourly', end).label}")
+    T.print_report(err if as_json else out, report,
+                   f"backfill {B.bucket('hourly', start).label} .. {B.bucket('hourly', end).label}")
     if as_json:
         _emit_json(report.as_dict())
     if report.stopped:
@@ -332,23 +294,25 @@ def retry_failed(
 ) -> None:
     """Re-run every step whose latest attempt failed (trigger 'retry'), hours first."""
     from . import backfill as bf
-    from . import status as st
+    from . import plan as P
+    from . import state as S
+    from . import terminal as T
     from .db import connection
 
     start = B.parse_time(since, "--since") if since is not None else None
     url = say_database()
     if dry_run:
         with connection(url, autocommit=True) as conn:
-            st.reap_abandoned(conn)
-            todo = st.failed_steps(conn, start)
+            S.reap(conn)
+            todo = P.failing(conn, start)
         if as_json:
-            _emit_json([dict(rollup=b.rollup, bucket=b.label, steps=steps) for b, steps in todo.items()])
+            _emit_json([dict(rollup=p.bucket.rollup, bucket=p.bucket.label, steps=list(p.steps)) for p in todo])
         else:
-            for b, steps in todo.items():
-                out.print(f"{b}: {', '.join(steps)}")
-            out.print(f"{sum(len(s) for s in todo.values())} failed step(s) in {len(todo)} bucket(s) would be retried")
+            for p in todo:
+                out.print(f"{p.bucket}: {', '.join(p.steps)}", markup=False)
+            out.print(f"{sum(len(p.steps) for p in todo)} failed step(s) in {len(todo)} bucket(s) would be retried")
         return
-    with bf.ProgressView(err, "retry") as view:
+    with T.ProgressView(err, "retry") as view:
         report, results = bf.retry_failed(url, start, on_update=view.update)
     if as_json:
         _emit_json([r.as_dict() for r in results])
@@ -356,7 +320,7 @@ def retry_failed(
         for result in results:
             print_rollup(result)
     if report.total:
-        bf.print_report(err if as_json else out, report, "retry-failed")
+        T.print_report(err if as_json else out, report, "retry-failed")
     else:
         (err if as_json else out).print("retry-failed: nothing to retry (no step's latest attempt failed)")
     if report.failed:
@@ -394,7 +358,9 @@ def status(
     if as_json:
         _emit_json(grid.as_dict())
         return
-    st.render(out, grid, by)
+    from .terminal import render_status
+
+    render_status(out, grid, by)
 
 
 @app.command()
@@ -402,17 +368,20 @@ def runs(failed: bool = typer.Option(False, "--failed", help="Only failed attemp
          limit: int = typer.Option(50, min=1, max=100000, help="How many rows."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """The run ledger, newest first: duration, rows, attempt, trigger, the error's first line."""
-    from . import status as st
+    from . import ledger
+    from . import state as S
     from .db import connection
 
     url = say_database()
     with connection(url, autocommit=True) as conn:
-        st.reap_abandoned(conn)
-        rows = st.recent_runs(conn, failed=failed, limit=limit)
+        S.reap(conn)
+        rows = ledger.runs(conn, failed=failed, limit=limit)
     if as_json:
         _emit_json(rows)
         return
-    st.render_runs(out, rows)
+    from .terminal import render_runs
+
+    render_runs(out, rows)
 
 
 @app.command()
@@ -427,23 +396,20 @@ def verify(
     Hourly tables for every hour of the range; daily, weekly and monthly rows for the
     periods lying wholly inside it. Reads only; writes nothing.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
+    from . import terminal as T
     from . import verify as vf
     from .db import connection
 
     start, end = _range(from_, to)
     url = say_database()
-    with connection(url, autocommit=True) as conn, Progress(
-            TextColumn("verify"), BarColumn(), MofNCompleteColumn(), console=err, transient=True,
-            disable=not err.is_terminal) as progress:
+    with connection(url, autocommit=True) as conn, T.verify_progress(err) as progress:
         task = progress.add_task("verify", total=None)
         conn.execute("SET TIME ZONE 'UTC'")
         report = vf.verify(conn, start, end, on_chunk=lambda done, total: progress.update(task, completed=done, total=total))
     if as_json:
         _emit_json(report.as_dict())
     else:
-        vf.render(out, report, limit)
+        T.render_verify(out, report, limit)
     if not report.clean:
         raise typer.Exit(1)
 
@@ -503,10 +469,11 @@ def demo(hours: int = typer.Option(48, help="Hours of synthetic data ending at t
          workspaces: int = typer.Option(20, help="Number of workspaces.")) -> None:
     """The whole job on a fresh machine: database, migrations, seed, rollups, status."""
     from . import demo as demo_mod
+    from .terminal import DemoView
 
     url = say_database()
-    code = demo_mod.run(url, hours=hours, executions_per_hour=executions_per_hour, workspaces=workspaces,
-                        out=out, err=err)
+    code = demo_mod.run(url, DemoView(out, err), hours=hours, executions_per_hour=executions_per_hour,
+                        workspaces=workspaces)
     if code:
         raise typer.Exit(code)
 
@@ -554,12 +521,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _fail(f"tally: error: database error: {type(exc).__name__}: {scrub(first, url)}")
             code = 1
-    return _exit(code)
-
-
-def _exit(code: int) -> int:
-    if __name__ != "__main__":
-        sys.exit(code)
     return code
 
 

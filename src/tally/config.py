@@ -34,6 +34,9 @@ def _float(name: str, default: float, minimum: float = 0.0) -> float:
     return value
 
 
+_STEP_TIMEOUT = "TALLY_STATEMENT_TIMEOUT_"
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None
@@ -47,6 +50,11 @@ class Settings:
     lock_wait: float  # seconds a run waits for a bucket lock held by another run
     statement_timeout: float  # seconds per step statement, 0 = none
     max_range_days: int  # longest range backfill/verify/status accept
+    step_timeouts: dict[str, float]  # TALLY_STATEMENT_TIMEOUT_<STEP>: step name -> seconds
+
+    def statement_timeout_of(self, step: str) -> float:
+        """The statement timeout of ``step`` (its own, else TALLY_STATEMENT_TIMEOUT), 0 = none."""
+        return self.step_timeouts.get(step, self.statement_timeout)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -62,6 +70,8 @@ class Settings:
             lock_wait=_float("TALLY_LOCK_WAIT", 30.0),
             statement_timeout=_float("TALLY_STATEMENT_TIMEOUT", 0.0),
             max_range_days=_int("TALLY_MAX_RANGE_DAYS", 400, minimum=1),
+            step_timeouts={name[len(_STEP_TIMEOUT):].lower(): _float(name, 0.0)
+                           for name in sorted(os.environ) if name.startswith(_STEP_TIMEOUT) and os.environ[name]},
         )
 
 

@@ -47,6 +47,15 @@ def downgrade(url: str | None = None, target: str = "base") -> None:
     _run(command.downgrade, url, target)
 
 
+def head() -> str:
+    """The newest revision this version of tally ships."""
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return ScriptDirectory.from_config(cfg).get_current_head()
+
+
 def current(url: str | None = None) -> str | None:
     from alembic.runtime.migration import MigrationContext
 

@@ -101,9 +101,11 @@ def apply(url: str, p: RolesPlan) -> list[str]:
             conn.execute(_temporary(p.worker, sql.Identifier(conn.info.dbname)))
             conn.execute(query("roles_source_writers"))
     done.append(f"{p.worker}: reads public.execution_logs, analytics.user_activity; writes the output tables, "
-                "analytics.aggregation_runs (insert, update) and analytics.dirty_log (update, delete)")
+                "analytics.aggregation_runs and analytics.bucket_state (insert, update) and analytics.dirty_log "
+                "(update, delete)")
     done.append(f"{p.worker}: TEMPORARY on this database (the hourly steps' temporary tables)")
-    done.append(f"{p.dashboard}: reads the output tables, analytics.aggregation_runs and analytics.dirty_log; "
+    done.append(f"{p.dashboard}: reads the output tables, analytics.aggregation_runs, analytics.bucket_state and "
+                "analytics.dirty_log; "
                 "writes nothing")
     done.append("analytics.tally_mark_dirty(): SECURITY DEFINER, so source writers need no rights on analytics")
     return done

@@ -157,7 +157,7 @@ def seed(
             hour_dt = start + timedelta(hours=h)
             tag = f"{hour_dt.year:04d}{hour_dt:%m%d%H}"
             if executions_per_hour:
-                _gen_executions(world, writer, seed, tag, h, prefixes[h],
+                _gen_executions(world, writer, seed, tag, prefixes[h],
                                 executions_per_hour)
             if events_per_hour:
                 _gen_events(world, writer, seed, tag, h, prefixes, end_us,
@@ -364,7 +364,7 @@ class _Writer:
 # generators (hot loops: locals bound for speed)
 
 def _gen_executions(world: _World, writer: _Writer, seed_value: int, tag: str,
-                    h: int, prefix: str, n: int) -> None:
+                    prefix: str, n: int) -> None:
     rng = Random(f"tally-seed:{seed_value}:exec:{tag}:{len(world.workspaces)}")
     rand = rng.random
     lognorm = rng.lognormvariate

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from .buckets import ROLLUPS
+from .buckets import ROLLUPS, grain
 from .errors import InvalidInput
 from .queries import query
 
@@ -87,8 +87,7 @@ PERIOD_INPUTS = ("execution_metrics", "credit_consumption")
 
 def steps_of(rollup: str, names: list[str] | tuple[str, ...] | None = None) -> list[Step]:
     """The steps of ``rollup`` (all, in order, or the named ones); unknown names are invalid input."""
-    if rollup not in ROLLUP_STEPS:
-        raise InvalidInput(f"unknown rollup {rollup!r} (expected one of {', '.join(ROLLUPS)})")
+    grain(rollup)  # an unknown rollup is invalid input
     if not names:
         return [STEPS[n] for n in ROLLUP_STEPS[rollup]]
     for n in names:

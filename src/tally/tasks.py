@@ -1,14 +1,18 @@
 """The Celery app and tasks: thin shells over the rollup runner.
 
-Tasks take plain ISO arguments and run synchronously (psycopg 3, two connections
-per task, closed at its end), so one worker process runs any number of tasks in
-a row. The ledger, not the result backend, is the record of what is done:
+Tasks take plain ISO arguments and run synchronously (psycopg 3), so one worker
+process runs any number of tasks in a row. The state of each bucket (tally/state.py),
+not the result backend, is the record of what is done:
 
-* a retry (``self.retry`` through ``autoretry_for``) and a redelivery (a worker
-  that died mid-task) run only the steps of the bucket whose latest attempt has
-  not succeeded, with ``trigger='retry'``;
-* retries are for transient errors only (a lost connection, a lock or statement
-  timeout, a failed step); invalid input fails at once;
+* retries are for transient failures only (tally/errors.py: a lost connection, a
+  serialization failure or deadlock, a lock or statement timeout, exhausted
+  resources, the task's own time limit), declared once on :class:`TallyTask`, backing
+  off exponentially with jitter from ``TALLY_RETRY_DELAY``, capped below the broker's
+  visibility timeout; a data, constraint or SQL error fails the task at once with its
+  final-failure alert (when a task has both kinds, it alerts at once for the permanent
+  ones and retries the rest);
+* a retry and a redelivery (a worker that died mid-task) run only the steps that are
+  not done, with ``trigger='retry'``;
 * on the final failure: an ERROR line per failed step and the alert webhook;
 * ``acks_late`` with reject-on-worker-lost and prefetch 1: a killed worker's
   task is delivered again (Redis: after ``TALLY_VISIBILITY_TIMEOUT``).
@@ -23,20 +27,22 @@ import inspect
 import ipaddress
 import logging
 import os
+import random
 import uuid
 
-import psycopg
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.schedules import crontab
 
 from . import alerts
 from . import buckets as B
-from .backfill import pending_steps
+from . import plan as P
+from . import state as S
 from .config import _float, settings
 from .db import redact
 from .errors import InvalidInput, TallyError, Unreachable
-from .rollups import RollupResult, Runner, StepResult
+from .rollups import RollupResult, Runner
+from .state import State
 from .steps import steps_of
 
 log = logging.getLogger("tally")
@@ -45,30 +51,38 @@ QUEUE = "tally"
 
 
 class RollupFailed(TallyError):
-    """Steps failed (their ledger rows say why); a retry runs only those steps.
+    """Steps failed (their ledger rows say why).
 
-    ``failures``: dicts with ``rollup``, ``bucket``, ``step``, ``attempt``, ``error``
-    (plain data, so the exception survives the JSON result backend).
+    ``failures``: dicts with ``rollup``, ``bucket``, ``step``, ``attempt``, ``error``,
+    ``transient`` (plain data, so the exception survives the JSON result backend);
+    ``alerted``: their alert went out already (a permanent failure of an earlier attempt).
     """
 
-    def __init__(self, failures: list[dict]):
-        super().__init__(failures)
+    def __init__(self, failures: list[dict], alerted: bool = False):
+        super().__init__(failures, alerted)
         self.failures = failures
+        self.alerted = alerted
 
     def __str__(self) -> str:
         return "; ".join(f"{f['rollup']} {f['bucket']} {f['step']} failed (attempt {f['attempt']}): "
                          f"{(f['error'] or '').splitlines()[0] if f['error'] else '?'}" for f in self.failures)
 
-    @classmethod
-    def of(cls, results: list[RollupResult]) -> "RollupFailed":
-        return cls([dict(rollup=r.bucket.rollup, bucket=r.bucket.label, step=s.step, attempt=s.attempt, error=s.error)
-                    for r in results for s in r.failed])
+
+class TransientFailure(RollupFailed):
+    """Some step failed in a way a second try may cure: the task is retried."""
 
 
-# Retried: the database went away or timed out (psycopg's OperationalError covers a lost
-# connection, QueryCanceled and LockNotAvailable), a step failed, the soft time limit hit.
-# Never retried: InvalidInput (a ValueError), a bug (anything else).
-TRANSIENT = (RollupFailed, Unreachable, psycopg.OperationalError, SoftTimeLimitExceeded)
+class PermanentFailure(RollupFailed):
+    """Every failure is permanent (a data, constraint or SQL error): the task fails at once."""
+
+
+def _failures(results: list[RollupResult]) -> list[dict]:
+    out = []
+    for r in results:
+        for sub in [*r.prepared, r]:
+            out += [dict(rollup=sub.bucket.rollup, bucket=sub.bucket.label, step=s.step, attempt=s.attempt,
+                         error=s.error, transient=bool(s.transient)) for s in sub.failed]
+    return out
 
 
 def _celery_settings() -> dict:
@@ -123,10 +137,30 @@ app.conf.update(_celery_settings())
 
 
 class TallyTask(Task):
-    """Alerts on a task's final failure (not on a retry)."""
+    """Every tally task: retried on transient failures only, with backoff; alerts on its final failure."""
+
+    autoretry_for = (TransientFailure, Unreachable, SoftTimeLimitExceeded)
+    max_retries = settings().max_retries
+    acks_late = True
+    reject_on_worker_lost = True
+
+    def backoff(self, retries: int) -> float:
+        """Seconds before retry ``retries + 1``: TALLY_RETRY_DELAY doubled each time, ±20 % jitter
+        (retries of many tasks do not stampede a recovering database), capped below the
+        visibility timeout (else Redis would hand the waiting task to a second worker)."""
+        delay = settings().retry_delay * 2 ** retries * random.uniform(0.8, 1.2)
+        return min(delay, 0.9 * self.app.conf.broker_transport_options.get("visibility_timeout", 3600))
+
+    def retry(self, args=None, kwargs=None, exc=None, throw=True, eta=None, countdown=None, max_retries=None,
+              **options):
+        if countdown is None and eta is None:
+            countdown = self.backoff(self.request.retries)
+        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
     def on_failure(self, exc, task_id, args, kwargs, einfo):
         if isinstance(exc, RollupFailed):
+            if exc.alerted:
+                return
             failures = exc.failures
         else:
             rollup, bucket = self.target(args, kwargs)
@@ -142,6 +176,21 @@ class TallyTask(Task):
             return getattr(self, "rollup", None), None
         bucket = next((given[k] for k in ("hour", "date", "week", "month", "bucket") if given.get(k)), None)
         return getattr(self, "rollup", None) or given.get("rollup"), None if bucket is None else str(bucket)
+
+    def conclude(self, failures: list[dict], earlier: list[dict] | None = None) -> None:
+        """Raise for the failures of this attempt: retried if any is transient (the permanent
+        ones alerted now), failed at once if all are permanent. ``earlier``: permanent
+        failures of an earlier attempt (alerted then), which keep the task failing."""
+        transient = [f for f in failures if f["transient"]]
+        permanent = [f for f in failures if not f["transient"]]
+        if transient:
+            if permanent:
+                alerts.task_failed(self.name, self.request.id, self.request.retries + 1, permanent)
+            raise TransientFailure(transient)
+        if permanent:
+            raise PermanentFailure(permanent + (earlier or []))
+        if earlier:
+            raise PermanentFailure(earlier, alerted=True)
 
 
 class RollupTask(TallyTask):
@@ -176,30 +225,9 @@ class RollupTask(TallyTask):
         return chosen
 
 
-OPTIONS = dict(
-    bind=True,
-    autoretry_for=TRANSIENT,
-    retry_kwargs={"max_retries": settings().max_retries, "countdown": settings().retry_delay},
-    retry_backoff=False,
-    acks_late=True,
-    reject_on_worker_lost=True,
-)
-
-
 def _again(task: Task) -> bool:
     """A retry, or a message delivered again because its worker died."""
     return task.request.retries > 0 or bool((task.request.delivery_info or {}).get("redelivered"))
-
-
-def _stop_at_soft_limit(bucket: B.Bucket, step: StepResult) -> None:
-    """Stop the rollup at the soft time limit (the runner records the cut step as failed).
-
-    Left alone, the runner would go on with the next step on a connection still busy with
-    the cut statement, and record false failures.
-    """
-    if step.status == "failed" and (step.error or "").startswith(f"{SoftTimeLimitExceeded.__name__}:"):
-        raise RollupFailed([dict(rollup=bucket.rollup, bucket=bucket.label, step=step.step, attempt=step.attempt,
-                                 error="the task's soft time limit (TALLY_TASK_TIME_LIMIT) cut the step")])
 
 
 def _summary(result: RollupResult) -> dict:
@@ -207,28 +235,43 @@ def _summary(result: RollupResult) -> dict:
                 steps=[dict(step=s.step, status=s.status, rows=s.rows, attempt=s.attempt) for s in result.steps])
 
 
-def _run(task: Task, bucket: B.Bucket, *, trigger: str, steps=None, atomic: bool = False,
-         backfill_force: bool | None = None) -> dict:
-    """Run ``steps`` (default all) of ``bucket``; a retry or redelivery runs only those not succeeded.
+def _cut(results: list[RollupResult]) -> list[dict]:
+    """The failures of rollups a task's soft time limit stopped: the cut step says so."""
+    why = "the task's soft time limit (TALLY_TASK_TIME_LIMIT) cut the step"
+    return [dict(f, error=why, transient=True) if SoftTimeLimitExceeded.__name__ in (f["error"] or "") else f
+            for f in _failures(results)]
 
-    ``backfill_force`` (backfill only): False runs just the steps that are not ok (missing,
+
+def _run(task: TallyTask, bucket: B.Bucket, *, trigger: str, steps=None, atomic: bool = False,
+         backfill_force: bool | None = None) -> dict:
+    """Run ``steps`` (default all) of ``bucket``; a retry or redelivery runs only those not done.
+
+    ``backfill_force`` (backfill only): False runs just the steps that need work (missing,
     failed, dirty), the same choice as ``tally backfill``; True runs them all.
     """
     again = _again(task)
-    with Runner(trigger="retry" if again else trigger, task_id=task.request.id, on_step=_stop_at_soft_limit) as runner:
+    earlier: list[dict] = []
+    with Runner(trigger="retry" if again else trigger, task_id=task.request.id,
+                stop_on=(SoftTimeLimitExceeded,)) as runner:
+        conn = runner.ledger.conn
         if (task.request.delivery_info or {}).get("redelivered"):
-            runner.ledger.reap_abandoned()  # the dead worker's 'running' rows, once their sessions are gone
-        if backfill_force is not None and not again:
-            steps = pending_steps(runner.ledger.conn, bucket, backfill_force)
-            if not steps:  # done and current
+            S.reap(conn)  # the dead worker's 'running' rows, once their sessions are gone
+        if again or backfill_force is not None:
+            bs = S.of(conn, bucket)
+            chosen = [s.name for s in steps_of(bucket.rollup, steps)]
+            todo = P.forced(bs) if backfill_force and not again else P.work(bs)
+            # a permanent failure of an earlier attempt was alerted then: not retried
+            kept = [s for s in todo if not (again and bs[s] is State.FAILED and bs.steps[s].facts.transient is False)]
+            earlier = [dict(rollup=bucket.rollup, bucket=bucket.label, step=s, attempt=bs.steps[s].facts.attempt,
+                            error=bs.steps[s].facts.error, transient=False) for s in todo if s not in kept]
+            steps = [s for s in chosen if s in kept]
+            if not steps:
+                task.conclude([], earlier)
                 return _summary(RollupResult(uuid.uuid4(), bucket, atomic))
-        try:
-            result = runner.run(bucket, steps, atomic=atomic, only_unfinished=again)
-        except RollupFailed:  # stopped at the soft time limit
-            runner.data.cancel_safe()  # the cut statement still runs (and holds its locks) on the server
-            raise
-    if not result.ok:
-        raise RollupFailed.of([result])
+        result = runner.run(bucket, steps, atomic=atomic)
+    if result.stopped:  # the soft time limit cut a step (the Runner cancelled its statement on closing)
+        raise TransientFailure(_cut([result]))
+    task.conclude(_failures([result]), earlier)
     return _summary(result)
 
 
@@ -238,31 +281,31 @@ def _rollup(task: RollupTask, when: str | None, steps, atomic: bool) -> dict:
     return _run(task, bucket, trigger="schedule", steps=steps, atomic=atomic)
 
 
-@app.task(name="tally.hourly_rollup", base=RollupTask, rollup="hourly", bucket_arg="hour", **OPTIONS)
+@app.task(name="tally.hourly_rollup", base=RollupTask, rollup="hourly", bucket_arg="hour", bind=True)
 def hourly_rollup(self, hour: str | None = None, steps: list[str] | None = None, atomic: bool = False) -> dict:
     """execution_metrics, user_activity, credit_consumption for one hour (ISO, on the hour)."""
     return _rollup(self, hour, steps, atomic)
 
 
-@app.task(name="tally.daily_rollup", base=RollupTask, rollup="daily", bucket_arg="date", **OPTIONS)
+@app.task(name="tally.daily_rollup", base=RollupTask, rollup="daily", bucket_arg="date", bind=True)
 def daily_rollup(self, date: str | None = None, steps: list[str] | None = None, atomic: bool = False) -> dict:
     """daily_metrics for one UTC day (YYYY-MM-DD); its unready hours first."""
     return _rollup(self, date, steps, atomic)
 
 
-@app.task(name="tally.weekly_rollup", base=RollupTask, rollup="weekly", bucket_arg="week", **OPTIONS)
+@app.task(name="tally.weekly_rollup", base=RollupTask, rollup="weekly", bucket_arg="week", bind=True)
 def weekly_rollup(self, week: str | None = None, steps: list[str] | None = None, atomic: bool = False) -> dict:
     """weekly_metrics for one ISO week, given by its Monday."""
     return _rollup(self, week, steps, atomic)
 
 
-@app.task(name="tally.monthly_rollup", base=RollupTask, rollup="monthly", bucket_arg="month", **OPTIONS)
+@app.task(name="tally.monthly_rollup", base=RollupTask, rollup="monthly", bucket_arg="month", bind=True)
 def monthly_rollup(self, month: str | None = None, steps: list[str] | None = None, atomic: bool = False) -> dict:
     """monthly_metrics for one calendar month (YYYY-MM)."""
     return _rollup(self, month, steps, atomic)
 
 
-@app.task(name="tally.backfill_bucket", base=TallyTask, **OPTIONS)
+@app.task(name="tally.backfill_bucket", base=TallyTask, bind=True)
 def backfill_bucket(self, rollup: str, bucket: str, force: bool = False) -> dict:
     """One bucket of a backfill: its steps that are missing, failed or dirty (all with ``force``);
     nothing if it is done and current."""
@@ -271,7 +314,7 @@ def backfill_bucket(self, rollup: str, bucket: str, force: bool = False) -> dict
     return _run(self, B.parse_bucket(rollup, bucket), trigger="backfill", backfill_force=bool(force))
 
 
-@app.task(name="tally.catch_up", base=TallyTask, **OPTIONS)
+@app.task(name="tally.catch_up", base=TallyTask, bind=True)
 def catch_up(self, now: str | None = None) -> dict:
     """Every missing, failed or dirty bucket, hourly first (scheduled every hour at minute 5).
 
@@ -281,9 +324,11 @@ def catch_up(self, now: str | None = None) -> dict:
     from .catchup import catch_up as run_catch_up
 
     as_of = None if now is None else B.parse_time(now, "now")
-    result = run_catch_up(trigger="retry" if _again(self) else "catch-up", task_id=self.request.id, now=as_of)
-    if not result.ok:
-        raise RollupFailed.of(result.failed)
+    result = run_catch_up(trigger="retry" if _again(self) else "catch-up", task_id=self.request.id, now=as_of,
+                          stop_on=(SoftTimeLimitExceeded,))
+    if result.stopped:
+        raise TransientFailure(_cut(result.buckets))
+    self.conclude(_failures(result.buckets))
     return result.as_dict()
 
 

@@ -14,8 +14,6 @@ from typing import Callable
 
 import psycopg
 from psycopg import sql
-from rich.console import Console
-from rich.table import Table
 
 from . import buckets as B
 from .queries import query
@@ -30,7 +28,7 @@ HOURLY = (
     ("user_activity_hourly", "verify_user_activity_hourly"),
     ("credit_consumption_hourly", "verify_credit_consumption_hourly"),
 )
-PERIODS = tuple((rollup, STEPS[f"{rollup}_metrics"]) for rollup in ("daily", "weekly", "monthly"))
+PERIODS = tuple((s.rollup, s) for s in STEPS.values() if B.grain(s.rollup).parts is not None)
 KEY_ORDER = ("workspace_id", "user_id", "agent_id")
 
 
@@ -66,9 +64,9 @@ class VerifyReport:
 def plan(start: dt.datetime, end: dt.datetime) -> list[tuple[str, str, dt.datetime, dt.datetime]]:
     """(rollup, table, start, end) chunks: the hourly tables a day at a time, then every whole period."""
     chunks = []
-    for day in B.touching("daily", start, end):
+    for day in B.touching(B.DAY.rollup, start, end):
         lo, hi = max(start, day.start), min(end, day.end)
-        chunks += [("hourly", table, lo, hi) for table, _ in HOURLY]
+        chunks += [(B.HOUR.rollup, table, lo, hi) for table, _ in HOURLY]
     for rollup, step in PERIODS:
         chunks += [(rollup, step.table, b.start, b.end) for b in B.within(rollup, start, end)]
     return chunks
@@ -83,7 +81,7 @@ def verify(conn: psycopg.Connection, start: dt.datetime, end: dt.datetime,
     hourly_queries = dict(HOURLY)
     periods = {rollup: step for rollup, step in PERIODS}
     for i, (rollup, table, lo, hi) in enumerate(chunks):
-        if rollup == "hourly":
+        if B.grain(rollup).parts is None:
             statement = sql.SQL(query(hourly_queries[table]))  # type: ignore[arg-type]
             params = dict(start=lo, end=hi, **tol)
             if table == HOURLY[0][0]:
@@ -103,23 +101,3 @@ def verify(conn: psycopg.Connection, start: dt.datetime, end: dt.datetime,
             on_chunk(i + 1, len(chunks))
     return report
 
-
-def render(console: Console, report: VerifyReport, limit: int = 200) -> None:
-    """The drift table (at most ``limit`` lines) and a one-line verdict."""
-    checked = ", ".join(f"{n} {kind if n != 1 else kind[:-1]}" for kind, n in report.checked.items() if n)
-    span = f"{report.start:%Y-%m-%dT%H:00Z} .. {report.end:%Y-%m-%dT%H:00Z}"
-    if report.clean:
-        console.print(f"[green]clean[/]: every output row of {span} matches its source ({checked})")
-        return
-    table = Table(title=f"drift in {span}", title_justify="left")
-    for col in ("table", "bucket", "key", "column", "expected", "actual"):
-        table.add_column(col)
-    for d in report.drifts[:limit]:
-        key = ", ".join(f"{k}={v!r}" for k, v in d.key.items())
-        column = d.column if d.problem == "drift" else f"({d.problem})"
-        table.add_row(d.table, d.bucket, key, column, d.expected or "", d.actual or "")
-    console.print(table)
-    more = f" (first {limit} shown; --json lists all)" if len(report.drifts) > limit else ""
-    rows = len({(d.table, d.bucket, tuple(d.key.items())) for d in report.drifts})
-    console.print(f"[bold red]drift[/]: {len(report.drifts)} problem(s) in {rows} row(s){more}; checked {checked}. "
-                  f"Re-run the buckets with `tally backfill --from … --to … --force`.")

@@ -31,6 +31,7 @@ from outputs import snapshot, source_rows
 from tally import buckets as B
 from tally.rollups import Runner
 from tally.seed import seed
+from tally.steps import STEPS, lock_key
 
 UTC = dt.timezone.utc
 HOUR = dt.timedelta(hours=1)
@@ -201,6 +202,12 @@ class Faults:
         return [r[0] for r in self.holder.execute(
             "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objid = %s AND classid = 0",
             (gate,))]
+
+    def bucket_waiters(self, step: str, hour) -> int:
+        """Runs waiting for the (step, hour) lock that another run holds (their attempt has not begun)."""
+        key = lock_key(STEPS[step], int(hour.timestamp()) // 3600)
+        return self.holder.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                                   "AND classid::bigint = %s AND objid::bigint = %s", key).fetchone()[0]
 
     def wait_at(self, gate: int, n: int = 1, timeout: float = 120) -> list[int]:
         return wait_for(lambda: (pids := self.waiting(gate)) and len(pids) >= n and pids, timeout,

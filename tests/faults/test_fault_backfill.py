@@ -106,8 +106,8 @@ def test_two_backfills_over_overlapping_ranges(faulty, conn, make_db, tmp_path):
     try:
         faults.wait_at(gate)
         procs.append(start_tally(second, env, tmp_path / "second.log"))
-        wait_for(lambda: len([r for r in ledger(conn, "hourly", T0) if r[1] == "execution_metrics"
-                              and r[3] == "running"]) == 2, 120, "the second backfill to reach the same step")
+        wait_for(lambda: faults.bucket_waiters("execution_metrics", T0), 120,
+                 "the second backfill to wait for the same step")
         faults.open(gate)
         codes = [p.wait(300) for p in procs]
     finally:

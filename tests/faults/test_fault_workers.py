@@ -34,10 +34,6 @@ def worker_env(broker: dict, url: str, **extra: str) -> dict:
             "TALLY_LOCK_WAIT": "60", **extra}
 
 
-def running(conn, step: str, start: dt.datetime) -> list[tuple]:
-    return [r for r in ledger(conn, None, start) if r[1] == step and r[3] == "running"]
-
-
 # ---- 2. SIGKILL mid-task --------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -97,7 +93,7 @@ def test_the_same_task_delivered_twice_at_once(faulty, conn, make_db, broker, tm
         for _ in range(2):  # one message, delivered twice: same id, same arguments
             celery.send_task("tally.hourly_rollup", [label], task_id=task_id)
         faults.wait_at(gate)  # the first delivery is mid-INSERT, holding execution_metrics' bucket lock
-        wait_for(lambda: len(running(conn, "execution_metrics", H1)) == 2 or any(
+        wait_for(lambda: faults.bucket_waiters("execution_metrics", H1) or any(
             r[1] == "execution_metrics" and r[3] == "skipped" for r in ledger(conn, "hourly", H1)),
             TIMEOUT, "the second delivery to reach the same step")
         faults.open(gate)
@@ -150,11 +146,12 @@ def test_a_statement_timeout_is_retried_by_the_task(faulty, conn, make_db, broke
 
 # ---- 7. a step that fails for good -------------------------------------------------------------------------
 
-def test_a_permanently_failing_step_alerts_once_after_the_last_retry(faulty, conn, make_db, broker, webhook,
-                                                                     tmp_path):
+def test_a_permanently_failing_step_alerts_at_once_without_retries(faulty, conn, make_db, broker, webhook,
+                                                                  tmp_path):
+    """A broken step (an SQL error, 42P01) fails the same way every time: no retry, one alert now."""
     url, faults = faulty
     seed_hours(url, T0, HOURS)
-    faults.fail("user_activity_hourly", "relation \"user_sessions\" does not exist (a broken step)")
+    faults.fail("user_activity_hourly", "relation \"user_sessions\" does not exist (a broken step)", sqlstate="42P01")
     env = worker_env(broker, url, TALLY_MAX_RETRIES="2", TALLY_RETRY_DELAY="0.5", TALLY_ALERT_WEBHOOK=webhook.url)
     webhook.posts.clear()
     w = Worker(env, tmp_path / "worker.log")
@@ -170,10 +167,9 @@ def test_a_permanently_failing_step_alerts_once_after_the_last_retry(faulty, con
     rows = ledger(conn, "hourly", H1)
     assert [(x[1], x[3], x[4], x[5]) for x in rows] == [
         ("execution_metrics", "succeeded", 1, "schedule"), ("user_activity", "failed", 1, "schedule"),
-        ("credit_consumption", "succeeded", 1, "schedule"),
-        ("user_activity", "failed", 2, "retry"), ("user_activity", "failed", 3, "retry")]
-    [alert] = webhook.posts  # one alert, on the final failure only
-    assert alert["bucket"] == label and alert["step"] == "user_activity" and alert["attempts"] == 3
+        ("credit_consumption", "succeeded", 1, "schedule")]
+    [alert] = webhook.posts  # one alert, at once
+    assert alert["bucket"] == label and alert["step"] == "user_activity" and alert["attempts"] == 1
     assert "user_sessions" in alert["text"]
     assert "failed for good" in w.text()
     # the steps around the failing one committed exactly what a clean run writes

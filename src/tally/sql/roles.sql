@@ -16,7 +16,7 @@ CREATE ROLE {role} NOLOGIN;
 REVOKE ALL ON public.execution_logs, analytics.user_activity,
     analytics.execution_metrics_hourly, analytics.user_activity_hourly, analytics.credit_consumption_hourly,
     analytics.execution_metrics_daily, analytics.execution_metrics_weekly, analytics.execution_metrics_monthly,
-    analytics.aggregation_runs, analytics.aggregation_latest, analytics.dirty_log
+    analytics.aggregation_runs, analytics.aggregation_latest, analytics.dirty_log, analytics.bucket_state
     FROM {role};
 GRANT USAGE ON SCHEMA public, analytics TO {role};
 GRANT SELECT ON public.execution_logs, analytics.user_activity TO {role};
@@ -25,6 +25,8 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON
     analytics.execution_metrics_daily, analytics.execution_metrics_weekly, analytics.execution_metrics_monthly
     TO {role};
 GRANT SELECT, INSERT, UPDATE ON analytics.aggregation_runs TO {role};
+-- the current state of every bucket changes with the ledger attempt that moves it
+GRANT SELECT, INSERT, UPDATE ON analytics.bucket_state TO {role};
 GRANT SELECT ON analytics.aggregation_latest TO {role};
 -- a rollup claims its hour's change marks (UPDATE) and clears them once read (DELETE)
 GRANT SELECT, UPDATE, DELETE ON analytics.dirty_log TO {role};
@@ -41,13 +43,13 @@ GRANT TEMPORARY ON DATABASE {database} TO {role};
 REVOKE ALL ON public.execution_logs, analytics.user_activity,
     analytics.execution_metrics_hourly, analytics.user_activity_hourly, analytics.credit_consumption_hourly,
     analytics.execution_metrics_daily, analytics.execution_metrics_weekly, analytics.execution_metrics_monthly,
-    analytics.aggregation_runs, analytics.aggregation_latest, analytics.dirty_log
+    analytics.aggregation_runs, analytics.aggregation_latest, analytics.dirty_log, analytics.bucket_state
     FROM {role};
 GRANT USAGE ON SCHEMA analytics TO {role};
 GRANT SELECT ON
     analytics.execution_metrics_hourly, analytics.user_activity_hourly, analytics.credit_consumption_hourly,
     analytics.execution_metrics_daily, analytics.execution_metrics_weekly, analytics.execution_metrics_monthly,
-    analytics.aggregation_runs, analytics.aggregation_latest, analytics.dirty_log
+    analytics.aggregation_runs, analytics.aggregation_latest, analytics.dirty_log, analytics.bucket_state
     TO {role};
 
 -- roles_source_writers --

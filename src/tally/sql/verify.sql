@@ -13,7 +13,7 @@
 WITH raw AS (
     SELECT analytics.tally_key(workspace_id) AS workspace_id,
            date_trunc('hour', started_at, 'UTC') AS hour,
-           lower(status) AS status,
+           lower(status COLLATE "C") AS status,
            coalesce(credits_used, 0) AS credits,
            CASE WHEN duration IS NOT NULL AND duration >= 0
                      AND duration NOT IN ('Infinity'::float8, 'NaN'::float8) THEN duration END AS seconds
@@ -140,7 +140,7 @@ WITH raw AS (
     SELECT analytics.tally_key(workspace_id) AS workspace_id, analytics.tally_key(user_id) AS user_id,
            analytics.tally_key(agent_id) AS agent_id,
            date_trunc('hour', started_at, 'UTC') AS hour,
-           lower(status) IN ('completed', 'success', 'succeeded') AS succeeded,
+           lower(status COLLATE "C") IN ('completed', 'success', 'succeeded') AS succeeded,
            coalesce(credits_used, 0) AS credits
     FROM public.execution_logs
     WHERE started_at >= %(start)s AND started_at < %(end)s
@@ -198,8 +198,8 @@ ORDER BY 1, 2, 4;
 -- analytics.execution_metrics_daily|weekly|monthly, straight from raw executions.
 -- {table} and {key} come from the fixed step registry. Extra parameter: bucket (the date in {key}).
 WITH raw AS (
-    SELECT coalesce(workspace_id, '') AS workspace_id, user_id, agent_id,
-           lower(status) AS status,
+    SELECT analytics.tally_key(workspace_id) AS workspace_id, user_id, agent_id,
+           lower(status COLLATE "C") AS status,
            coalesce(credits_used, 0) AS credits,
            CASE WHEN duration IS NOT NULL AND duration >= 0
                      AND duration NOT IN ('Infinity'::float8, 'NaN'::float8) THEN duration END AS seconds
