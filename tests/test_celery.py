@@ -79,7 +79,7 @@ def test_worker_runs_20_hourly_tasks_in_a_row_like_a_direct_run(worker, wconn, c
     assert all(r["ok"] for r in results)
     for h, r in enumerate(sent):
         assert ledger(wconn, "hourly", T0 + h * HOUR) == [
-            (step, "succeeded", 1, "schedule", r.id)
+            (step, "succeeded", 1, "manual", r.id)
             for step in ("execution_metrics", "user_activity", "credit_consumption")]
 
     with Runner(direct, trigger="manual") as runner:
@@ -110,9 +110,9 @@ def test_a_failed_step_is_retried_alone_and_the_ledger_shows_both_attempts(worke
     expected = ref.user_activity_hourly(events, hour)
     assert result["steps"] == [dict(step="user_activity", status="succeeded", rows=len(expected), attempt=2)]
     assert ledger(wconn, "hourly", hour) == [
-        ("execution_metrics", "succeeded", 1, "schedule", r.id),
-        ("user_activity", "failed", 1, "schedule", r.id),
-        ("credit_consumption", "succeeded", 1, "schedule", r.id),
+        ("execution_metrics", "succeeded", 1, "manual", r.id),
+        ("user_activity", "failed", 1, "manual", r.id),
+        ("credit_consumption", "succeeded", 1, "manual", r.id),
         ("user_activity", "succeeded", 2, "retry", r.id),
     ]
     error = wconn.execute("SELECT error FROM analytics.aggregation_runs WHERE status = 'failed'").fetchone()[0]
@@ -133,9 +133,9 @@ def test_the_last_retry_failing_alerts_once_with_bucket_and_step(worker, wconn, 
     assert r.state == "FAILURE"
     assert isinstance(r.result, tasks.RollupFailed)
     assert ledger(wconn, "hourly", hour) == [  # TALLY_MAX_RETRIES=2: three attempts, the others never re-run
-        ("execution_metrics", "succeeded", 1, "schedule", r.id),
-        ("user_activity", "failed", 1, "schedule", r.id),
-        ("credit_consumption", "succeeded", 1, "schedule", r.id),
+        ("execution_metrics", "succeeded", 1, "manual", r.id),
+        ("user_activity", "failed", 1, "manual", r.id),
+        ("credit_consumption", "succeeded", 1, "manual", r.id),
         ("user_activity", "failed", 2, "retry", r.id),
         ("user_activity", "failed", 3, "retry", r.id),
     ]
@@ -159,9 +159,9 @@ def test_a_permanent_failure_is_not_retried_and_alerts_at_once(worker, wconn, ce
     r.get(timeout=TIMEOUT, propagate=False)
     assert r.state == "FAILURE" and isinstance(r.result, tasks.PermanentFailure)
     assert ledger(wconn, "hourly", hour) == [
-        ("execution_metrics", "succeeded", 1, "schedule", r.id),
-        ("user_activity", "failed", 1, "schedule", r.id),
-        ("credit_consumption", "succeeded", 1, "schedule", r.id),
+        ("execution_metrics", "succeeded", 1, "manual", r.id),
+        ("user_activity", "failed", 1, "manual", r.id),
+        ("credit_consumption", "succeeded", 1, "manual", r.id),
     ]
     assert wconn.execute("SELECT sqlstate, transient FROM analytics.aggregation_runs WHERE status = 'failed' "
                          "AND bucket_start = %s", (hour,)).fetchone() == (errcode, False)
@@ -192,14 +192,50 @@ def test_a_task_with_both_kinds_alerts_the_permanent_one_at_once_and_retries_the
         wconn.execute("DROP TRIGGER test_fault_cc ON analytics.credit_consumption_hourly")
     # the retry ran the transient failure again, not the permanent one (alerted once, at the first try)
     assert ledger(wconn, "hourly", hour) == [
-        ("execution_metrics", "succeeded", 1, "schedule", r.id),
-        ("user_activity", "failed", 1, "schedule", r.id),
-        ("credit_consumption", "failed", 1, "schedule", r.id),
+        ("execution_metrics", "succeeded", 1, "manual", r.id),
+        ("user_activity", "failed", 1, "manual", r.id),
+        ("credit_consumption", "failed", 1, "manual", r.id),
         ("credit_consumption", "succeeded", 2, "retry", r.id),
     ]
     assert r.state == "FAILURE" and isinstance(r.result, tasks.PermanentFailure)  # the permanent one stands
     barrier()
     assert [(p["step"], p["attempts"]) for p in webhook.posts] == [("user_activity", 1)]
+
+
+def test_the_trigger_says_who_sent_a_task_and_a_bucket_not_ended_is_refused(worker, wconn):
+    hour = T0 + 12 * HOUR
+    triggers = []
+    for kwargs, options in (({}, {}), ({}, {"headers": {"tally_trigger": "schedule"}}), ({"trigger": "backfill"}, {})):
+        r = tasks.hourly_rollup.apply_async(args=[label(hour)], kwargs=kwargs, **options)
+        r.get(timeout=TIMEOUT)
+        triggers.append(wconn.execute("SELECT DISTINCT trigger FROM analytics.aggregation_runs WHERE task_id = %s",
+                                      (r.id,)).fetchall())
+    assert triggers == [[("manual",)], [("schedule",)], [("backfill",)]]  # by hand: manual, unless the sender says
+    now = B.HOUR.floor(dt.datetime.now(UTC))
+    refused = tasks.hourly_rollup.delay(label(now))
+    refused.get(timeout=TIMEOUT, propagate=False)
+    assert refused.state == "FAILURE" and isinstance(refused.result, InvalidInput)
+    assert "has not ended" in str(refused.result)
+    assert tasks.hourly_rollup.delay(label(now), allow_open=True).get(timeout=TIMEOUT)["ok"]
+
+
+def test_the_worker_warns_of_tally_tasks_waiting_in_celerys_default_queue(broker, make_db, tmp_path):
+    """Another app's send_task by name without queue= lands in 'celery', which tally's worker does not
+    consume (TALLY_QUEUE, default 'tally'): the worker says so when it starts."""
+    import redis
+
+    env = {**broker, "TALLY_BROKER_PREFIX": f"{broker['TALLY_BROKER_PREFIX']}stray:", "TALLY_DATABASE_URL": make_db()}
+    other_app = client({**env, "TALLY_QUEUE": "celery"})  # an app with Celery's default routing
+    other_app.send_task("tally.hourly_rollup", args=[label(T0)])
+    worker = Worker(env, tmp_path / "worker.log")
+    try:
+        wait_for(lambda: "wait in Celery's default queue 'celery'" in worker.text(), 60, "the warning")
+        assert "1 tally task(s)" in worker.text() and "queue='tally'" in worker.text()
+    finally:
+        worker.stop()
+        r = redis.Redis.from_url(broker["TALLY_BROKER_URL"])
+        for key in r.scan_iter(match=f"{env['TALLY_BROKER_PREFIX']}*"):
+            r.delete(key)
 
 
 def test_invalid_input_fails_at_once_without_retry(worker, wconn, webhook):
@@ -241,7 +277,7 @@ def test_no_bucket_means_the_last_complete_one_when_sent_not_when_run(worker, wc
     r = tasks.app.send_task("tally.hourly_rollup")
     assert r.get(timeout=TIMEOUT)["bucket"] in {B.last_complete("hourly", dt.datetime.now(UTC) - dt.timedelta(seconds=TIMEOUT)).label,
                                                B.last_complete("hourly").label}
-    assert "tally.hourly_rollup was sent without a hour: running" in worker.text()
+    assert "tally.hourly_rollup was sent without its hour: running" in worker.text()
 
 
 # ---- backfill_bucket -----------------------------------------------------------------------------
@@ -434,7 +470,7 @@ def test_a_task_whose_worker_is_killed_runs_again_on_a_new_worker(broker, make_d
         holder.execute("LOCK TABLE analytics.user_activity_hourly IN ACCESS EXCLUSIVE MODE")
         first = Worker(env, tmp_path / "first.log")
         r = celery.send_task("tally.hourly_rollup", [label(hour)])
-        wait_for(lambda: ledger(holder, "hourly", hour)[1:2] == [("user_activity", "running", 1, "schedule", r.id)],
+        wait_for(lambda: ledger(holder, "hourly", hour)[1:2] == [("user_activity", "running", 1, "manual", r.id)],
                  TIMEOUT, "the task to wait in user_activity")
         first.kill()
         # the killed worker's session is still queued on the lock: let it get it, find its client gone, and end
@@ -458,8 +494,8 @@ def test_a_task_whose_worker_is_killed_runs_again_on_a_new_worker(broker, make_d
         # the first worker's execution_metrics stands; its abandoned attempt is marked failed;
         # the redelivered task ran only what had not succeeded
         assert ledger(conn, "hourly", hour) == [
-            ("execution_metrics", "succeeded", 1, "schedule", r.id),
-            ("user_activity", "failed", 1, "schedule", r.id),
+            ("execution_metrics", "succeeded", 1, "manual", r.id),
+            ("user_activity", "failed", 1, "manual", r.id),
             ("user_activity", "succeeded", 2, "retry", r.id),
             ("credit_consumption", "succeeded", 1, "retry", r.id),
         ]
@@ -485,7 +521,7 @@ def test_the_soft_time_limit_stops_the_rollup_at_the_cut_step(broker, make_db, t
             assert isinstance(r.result, tasks.RollupFailed) and r.result.failures[0]["step"] == "user_activity"
             # the rollup stopped there: credit_consumption was not attempted on the busy connection
             assert [row[:4] for row in ledger(holder, "hourly", hour)] == [
-                ("execution_metrics", "succeeded", 1, "schedule"), ("user_activity", "failed", 1, "schedule")]
+                ("execution_metrics", "succeeded", 1, "manual"), ("user_activity", "failed", 1, "manual")]
             # and the cut statement was cancelled on the server, not left waiting for the lock
             wait_for(lambda: holder.execute(
                 "SELECT count(*) = 0 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "

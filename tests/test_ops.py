@@ -186,7 +186,8 @@ def test_retry_failed_reruns_exactly_the_failed_steps(db_url, conn):
 
     dry = cli("retry-failed", "--dry-run", "--json")
     assert json.loads(dry.out) == [{"rollup": "hourly", "bucket": iso(hour), "steps": ["user_activity"]}]
-    assert cli("retry-failed", "--since", iso(hour + HOUR)).code == 0  # nothing failed since then
+    later = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + 2 * HOUR
+    assert cli("retry-failed", "--since", iso(later)).code == 0  # --since is attempt time: nothing failed since then
     before = len(ledger(conn))
 
     retried = cli("retry-failed")

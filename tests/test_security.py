@@ -400,7 +400,7 @@ def test_no_command_leaks_the_database_password(admin_url, roles_made, broker, t
         run("backfill", "--from", "2026-11-25T00:00Z", "--to", "2026-11-25T01:00Z", "--queue", expect=3, extra=no_broker,
             name="backfill --queue (no broker)")
         run("demo", "--hours", "2", "--executions-per-hour", "10", "--workspaces", "2")
-        run("db", "downgrade")
+        run("db", "downgrade", "--yes")
         run("db", "upgrade")
         # the Python API's exceptions
         for call in (lambda: tally.hourly_rollup(H, url=gone), lambda: Runner(gone).run(B.bucket("hourly", H))):

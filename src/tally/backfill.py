@@ -43,6 +43,12 @@ def pending_steps(conn: psycopg.Connection, bucket: Bucket, force: bool = False)
     return P.forced(bs) if force else P.work(bs)
 
 
+def _done_since(bs: S.BucketState, since: dt.datetime) -> bool:
+    """Every step of the bucket succeeded after ``since`` (a resumed forced backfill did it)."""
+    return all(st.facts is not None and st.facts.ok_started_at is not None and st.facts.ok_started_at >= since
+               and st.state in S.DONE for st in bs.steps.values())
+
+
 @dataclass
 class Report:
     """What a backfill (or retry) did so far."""
@@ -57,8 +63,11 @@ class Report:
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     stopped: bool = False
+    signal: str = ""  # what stopped it: SIGINT | SIGTERM
     current: str = ""
     queued: int = 0  # tasks sent (queue mode)
+    left_open: list[str] = field(default_factory=list)  # buckets of the range that have not ended
+    resumed: str | None = None  # a forced backfill resumed: when the interrupted one began (ISO)
 
     @property
     def seconds(self) -> float:
@@ -74,44 +83,85 @@ class Report:
     def as_dict(self) -> dict:
         return dict(total=self.total, done=self.done, ran=self.ran, skipped=self.skipped, steps=self.steps,
                     failed=[dict(bucket=b, step=s, error=e) for b, s, e in self.failed], rows=self.rows,
-                    seconds=round(self.seconds, 3), stopped=self.stopped, queued=self.queued)
+                    seconds=round(self.seconds, 3), stopped=self.stopped, queued=self.queued,
+                    left_open=self.left_open, resumed=self.resumed)
 
 
 class Backfill:
-    """One backfill of a range, in this process or through the queue."""
+    """One backfill of a range, in this process or through the queue.
+
+    Buckets that have not ended by ``now`` are left (``report.left_open``) unless
+    ``allow_open``. A forced backfill is resumable: it is recorded in
+    analytics.backfill_runs by its range and rollups, and the identical command run
+    after an interruption does not force again the buckets every step of which
+    succeeded after the interrupted run began; once one has finished, the identical
+    command forces everything again.
+    """
 
     def __init__(self, url: str, start: dt.datetime, end: dt.datetime, rollups: list[str], *, force: bool = False,
+                 allow_open: bool = False, now: dt.datetime | None = None,
                  on_update: Callable[[Report], None] | None = None):
         self.url = url
         self.start, self.end = start, end
         self.rollups = rollups
         self.force = force
+        self.now = now or dt.datetime.now(B.UTC)
+        self.allow_open = allow_open
         self.on_update = on_update or (lambda report: None)
         self.report = Report()
         self._stop = False
 
-    def stop(self) -> None:
+    @property
+    def command(self) -> str:
+        """What makes two backfills the identical command."""
+        return f"--from {self.start.isoformat()} --to {self.end.isoformat()} --rollups {','.join(self.rollups)} --force"
+
+    def stop(self, why: str = "SIGINT") -> None:
         """Stop before the next step (the one running now finishes and commits)."""
         self._stop = True
+        self.report.signal = self.report.signal or why
 
     def _on_step(self, bucket: Bucket, sr: StepResult) -> None:
         self.report.record(bucket, sr)
         self.on_update(self.report)
 
+    def buckets(self) -> list[Bucket]:
+        """The buckets to run, in order; the open ones are noted in the report and left out."""
+        work = plan(self.start, self.end, self.rollups)
+        if not self.allow_open:
+            self.report.left_open = [str(b) for b in work if b.end > self.now]
+            work = [b for b in work if b.end <= self.now]
+        self.report.total = len(work)
+        return work
+
+    def _resume(self, conn: psycopg.Connection) -> tuple[int, dt.datetime | None]:
+        """(this forced backfill's row, when the interrupted one it resumes began — None if none)."""
+        row = conn.execute(query("backfill_unfinished"), dict(command=self.command)).fetchone()
+        if row is not None:
+            self.report.resumed = row[1].astimezone(B.UTC).isoformat()
+            return row[0], row[1]
+        return conn.execute(query("backfill_begin"), dict(command=self.command)).fetchone()[0], None
+
+    def steps_for(self, conn: psycopg.Connection, bucket: Bucket, since: dt.datetime | None) -> list[str]:
+        """The steps this backfill runs for ``bucket`` (none: it is done)."""
+        if self.force and since is not None and _done_since(S.of(conn, bucket), since):
+            return []  # forced already, by the run this one resumes
+        return pending_steps(conn, bucket, self.force)
+
     # -- in this process -------------------------------------------------------------------
     def run(self) -> Report:
         """Run the plan here; returns the report (``stopped`` if a stop was requested)."""
-        work = plan(self.start, self.end, self.rollups)
-        self.report.total = len(work)
+        work = self.buckets()
         with connect(self.url, autocommit=True) as conn, \
                 Runner(self.url, trigger="backfill", on_step=self._on_step, should_stop=lambda: self._stop) as runner:
             S.reap(conn)
+            run_id, since = self._resume(conn) if self.force else (None, None)
             for bucket in work:
                 if self._stop:
                     break
                 self.report.current = str(bucket)
                 self.on_update(self.report)
-                steps = pending_steps(conn, bucket, self.force)  # a period: after its hours ran
+                steps = self.steps_for(conn, bucket, since)  # a period: after its hours ran
                 if steps:
                     result = runner.run(bucket, steps)
                     self.report.ran += 1
@@ -121,9 +171,37 @@ class Backfill:
                     self.report.skipped += 1
                 self.report.done += 1
                 self.on_update(self.report)
+            if run_id is not None and not self._stop:
+                conn.execute(query("backfill_finish"), dict(id=run_id))
         self.report.stopped = self._stop
         self.report.finished = time.monotonic()
         return self.report
+
+    def dry_run(self) -> list[P.Planned]:
+        """What :meth:`run` would run, bucket by bucket and step by step, and why; changes nothing.
+
+        A day, week or month runs after its hours: if the backfill runs one of them, the
+        period will be behind it then (``changed``), whatever its state now.
+        """
+        work = self.buckets()
+        planned: list[P.Planned] = []
+        hours_run: set[dt.datetime] = set()
+        with connect(self.url, autocommit=True) as conn:
+            since = None
+            if self.force:
+                row = conn.execute(query("backfill_unfinished"), dict(command=self.command)).fetchone()
+                since = row[1] if row else None
+            for bucket in work:
+                bs = S.of(conn, bucket)
+                steps = self.steps_for(conn, bucket, since)
+                if steps:
+                    planned.append(P.planned(bs, steps, "forced" if self.force else None))
+                    if bucket.grain.parts is None:
+                        hours_run.add(bucket.start)
+                elif bucket.grain.parts is not None and any(bucket.start <= h < bucket.end for h in hours_run):
+                    planned.append(P.Planned(bucket, tuple(P.forced(bs)), "changed",
+                                             "its hours run first in this backfill"))
+        return planned
 
     # -- through the queue -----------------------------------------------------------------
     def run_queued(self, poll: float = 0.5) -> Report:
@@ -138,17 +216,18 @@ class Backfill:
         check_broker()
         phases = [[r for r in self.rollups if B.grain(r).parts is None],
                   [r for r in self.rollups if B.grain(r).parts is not None]]
-        self.report.total = len(plan(self.start, self.end, self.rollups))
+        work = self.buckets()
         with connect(self.url, autocommit=True) as conn:
             S.reap(conn)
+            run_id, since = self._resume(conn) if self.force else (None, None)
             for rollups in phases:
                 if not rollups or self._stop:
                     continue
                 marker = L.marker(conn)
                 wanted: dict[Bucket, list[str]] = {}
                 for rollup in rollups:
-                    for bucket in B.within(rollup, self.start, self.end):
-                        steps = pending_steps(conn, bucket, self.force)
+                    for bucket in (b for b in work if b.rollup == rollup):
+                        steps = self.steps_for(conn, bucket, since)
                         if steps:
                             wanted[bucket] = steps
                         else:
@@ -161,6 +240,8 @@ class Backfill:
                     self.report.queued += 1
                 self.on_update(self.report)
                 self._wait(conn, rollups, wanted, sent, marker, poll)
+            if run_id is not None and not self._stop:
+                conn.execute(query("backfill_finish"), dict(id=run_id))
         self.report.finished = time.monotonic()
         return self.report
 

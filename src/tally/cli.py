@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import logging
 import sys
+import threading
 from typing import List, Optional
 
 import typer
@@ -24,15 +25,19 @@ from rich.console import Console
 from . import buckets as B
 from .errors import InvalidInput, TallyError
 
+_HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
+    context_settings=_HELP,
     help="Idempotent, observable rollups of AI-agent execution logs in PostgreSQL.",
 )
-db_app = typer.Typer(no_args_is_help=True, help="Schema migrations and the embedded database.")
-run_app = typer.Typer(no_args_is_help=True, help="Run one rollup for one bucket (default: the last complete one).")
+db_app = typer.Typer(no_args_is_help=True, context_settings=_HELP,
+                     help="Schema migrations and the embedded database.")
+run_app = typer.Typer(no_args_is_help=True, context_settings=_HELP,
+                      help="Run one rollup for one bucket (default: the last complete one).")
 app.add_typer(db_app, name="db")
 app.add_typer(run_app, name="run")
 
@@ -41,16 +46,48 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
 
-def say_database() -> str:
-    """Print which database this command uses (password hidden) and return its URL."""
-    from .db import database_url, describe
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
 
-    err.print(f"tally: {describe()}")
-    return database_url()
+        out.print(f"tally {version('tally')}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print tally's version and exit.")) -> None:
+    """Idempotent, observable rollups of AI-agent execution logs in PostgreSQL."""
+
+
+def say_database() -> str:
+    """Check the configuration, print which database this command uses (password hidden),
+    and return its URL; say so when it is a new, empty embedded database."""
+    from . import db
+    from .config import settings
+
+    settings()  # every variable is checked before any work (one line, exit 2)
+    err.print(f"tally: {db.describe()}")
+    url = db.database_url()
+    if db.created_embedded:
+        err.print(f"tally: created a new, empty embedded PostgreSQL in {settings().home / 'pg'} "
+                  "(`tally demo` fills it; set TALLY_DATABASE_URL to use another server)")
+    return url
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(B.UTC)
+
+
+def _json_value(value):
+    """Times in ISO 8601 with a "T" (as every --json prints them); anything else as text."""
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    return str(value)
 
 
 def _emit_json(data) -> None:
-    sys.stdout.write(json.dumps(data, default=str, indent=2) + "\n")
+    sys.stdout.write(json.dumps(data, default=_json_value, indent=2) + "\n")
 
 
 # ---- db ----------------------------------------------------------------------------------
@@ -66,11 +103,20 @@ def db_upgrade(revision: str = typer.Option("head", help="Target revision.")) ->
 
 
 @db_app.command("downgrade")
-def db_downgrade(revision: str = typer.Option("base", help="Target revision.")) -> None:
-    """Revert tally's tables (the source tables are kept)."""
+def db_downgrade(revision: str = typer.Option("base", help="Target revision."),
+                 yes: bool = typer.Option(False, "--yes", "-y", help="Do it: the output tables, the ledger and the "
+                                          "state go (the source tables are kept).")) -> None:
+    """Revert tally's tables: every output row and the ledger are dropped (the source tables are kept)."""
     from . import migrate
 
     url = say_database()
+    if not yes:
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            raise InvalidInput("tally db downgrade drops tally's output tables and ledger: add --yes to do it")
+        if not typer.confirm(f"Drop tally's tables down to revision {revision!r} (every output row and the "
+                             "ledger)?", default=False, err=True):
+            err.print("tally: nothing changed")
+            raise typer.Exit(1)
     migrate.downgrade(url, revision)
     out.print(f"schema at revision {migrate.current(url) or 'base'}")
 
@@ -125,36 +171,50 @@ def db_roles(worker: str = typer.Option("tally_worker", help="Role the workers a
 
 @app.command()
 def seed(
-    from_: Optional[str] = typer.Option(None, "--from", help="First hour (ISO 8601, on the hour). Default: 24 h before the current hour."),
+    from_: Optional[str] = typer.Option(None, "--from", help="First hour (ISO 8601, on the hour). Default: --hours before the current hour, so the range ends now."),
     hours: int = typer.Option(24, help="How many hours to fill."),
     workspaces: int = typer.Option(20, help="Number of workspaces."),
-    executions_per_hour: int = typer.Option(500, help="Executions per hour."),
-    events_per_hour: int = typer.Option(1500, help="User-activity events per hour."),
+    executions_per_hour: int = typer.Option(500, help="Executions per hour (at most 1,000,000)."),
+    events_per_hour: int = typer.Option(1500, help="User-activity events per hour (at most 1,000,000)."),
     seed_: int = typer.Option(42, "--seed", help="Random seed: the same seed gives the same rows."),
 ) -> None:
-    """Write realistic synthetic source data (deterministic for a given --seed)."""
+    """Write realistic synthetic source data (deterministic for a given --seed).
+
+    Seeding a range again with the same arguments changes nothing. Ctrl-C stops after the
+    hour being written; what was written is reported and stays.
+    """
     from rich.progress import Progress
 
     from . import seed as seeding
+    from . import terminal as T
+    from .config import settings
     from .db import connection
 
-    if from_ is None:
-        start = B.floor("hourly", dt.datetime.now(B.UTC)) - dt.timedelta(hours=24)
-    else:
-        start = B.parse_time(from_, "--from")
+    if hours > settings().max_range_days * 24:
+        raise InvalidInput(f"invalid --hours {hours}: longer than {settings().max_range_days} days "
+                           "(raise TALLY_MAX_RANGE_DAYS to allow it)")
+    start = B.parse_time(from_, "--from") if from_ is not None else B.HOUR.floor(_now()) - dt.timedelta(hours=max(hours, 0))
     try:
         seeding._validate(start, hours, workspaces, executions_per_hour, events_per_hour, seed_)
     except ValueError as exc:
-        raise InvalidInput(str(exc)) from None
+        raise InvalidInput(f"invalid seed: {exc}") from None
     url = say_database()
-    with connection(url) as conn, Progress(console=err, transient=True) as progress:
+    stop = T.Stop()
+    with connection(url) as conn, Progress(console=err, transient=True) as progress, T.stop_on_signals(stop, err):
         task = progress.add_task("seeding", total=hours)
         result = seeding.seed(conn, start=start, hours=hours, workspaces=workspaces,
                               executions_per_hour=executions_per_hour, events_per_hour=events_per_hour,
-                              seed=seed_, progress=lambda done, total: progress.update(task, completed=done))
-    out.print(f"seeded {result.executions:,} executions and {result.events:,} events "
-              f"for {B.bucket('hourly', result.start).label} .. {B.bucket('hourly', result.end).label}"
-              + (f" ({result.executions_skipped:,} executions already present)" if result.executions_skipped else ""))
+                              seed=seed_, progress=lambda done, total: progress.update(task, completed=done),
+                              should_stop=stop.requested)
+    span = f"{B.HOUR.label(result.start)} .. {B.HOUR.label(result.end)}"
+    present = [f"{n:,} {what}" for n, what in ((result.executions_skipped, "executions"),
+                                                 (result.events_skipped, "events")) if n]
+    out.print(f"seeded {result.executions:,} executions and {result.events:,} events in {result.hours_seeded} hour(s) "
+              f"of {span}" + (f" ({' and '.join(present)} already present, left as they were)" if present else ""))
+    if result.stopped:
+        out.print("[yellow]stopped[/]: the hours after those are not written; run the same command again to "
+                  "write them")
+        raise typer.Exit(stop.exit_code)
 
 
 # ---- run ---------------------------------------------------------------------------------
@@ -168,12 +228,14 @@ def print_rollup(result, as_json: bool = False) -> None:
     show(out, result)
 
 
-def _run(rollup: str, when: Optional[str], steps: Optional[List[str]], atomic: bool, as_json: bool) -> None:
+def _run(rollup: str, when: Optional[str], steps: Optional[List[str]], atomic: bool, as_json: bool,
+         allow_open: bool) -> None:
     from .rollups import Runner
     from .steps import steps_of
 
     bucket = B.parse_bucket(rollup, when)
     steps_of(rollup, steps)  # unknown step names are rejected before anything is written
+    refuse_open(bucket, allow_open, "--allow-open")
     url = say_database()
     with Runner(url, trigger="manual") as runner:
         result = runner.run(bucket, steps, atomic=atomic)
@@ -182,57 +244,80 @@ def _run(rollup: str, when: Optional[str], steps: Optional[List[str]], atomic: b
         raise typer.Exit(1)
 
 
+def refuse_open(bucket: B.Bucket, allow_open: bool, how: str) -> None:
+    """A bucket that has not ended would be aggregated from part of its rows: only when asked."""
+    if not allow_open and bucket.end > _now():
+        raise InvalidInput(f"{bucket} has not ended (it ends {bucket.end.isoformat()}): its numbers would be "
+                           f"partial; add {how} to aggregate it anyway")
+
+
 _STEP_HELP = "Run only this step (repeatable)."
 _ATOMIC_HELP = "All steps in one transaction: all or nothing."
+_OPEN_HELP = "Aggregate the bucket even if it has not ended yet (its numbers are then partial)."
 
 
 @run_app.command("hourly")
 def run_hourly(hour: Optional[str] = typer.Option(None, help="The hour, ISO 8601 on the hour (UTC if no offset)."),
                step: Optional[List[str]] = typer.Option(None, help=_STEP_HELP),
                atomic: bool = typer.Option(False, help=_ATOMIC_HELP),
-               as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+               as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+               allow_open: bool = typer.Option(False, "--allow-open", help=_OPEN_HELP)) -> None:
     """execution_metrics, user_activity, credit_consumption for one hour."""
-    _run("hourly", hour, step, atomic, as_json)
+    _run("hourly", hour, step, atomic, as_json, allow_open)
 
 
 @run_app.command("daily")
 def run_daily(date: Optional[str] = typer.Option(None, help="The UTC day, YYYY-MM-DD."),
               step: Optional[List[str]] = typer.Option(None, help=_STEP_HELP),
               atomic: bool = typer.Option(False, help=_ATOMIC_HELP),
-              as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+              as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+              allow_open: bool = typer.Option(False, "--allow-open", help=_OPEN_HELP)) -> None:
     """daily_metrics for one day (its missing, failed or dirty hours are aggregated first)."""
-    _run("daily", date, step, atomic, as_json)
+    _run("daily", date, step, atomic, as_json, allow_open)
 
 
 @run_app.command("weekly")
 def run_weekly(week: Optional[str] = typer.Option(None, help="The ISO week, given by its Monday (YYYY-MM-DD)."),
                step: Optional[List[str]] = typer.Option(None, help=_STEP_HELP),
                atomic: bool = typer.Option(False, help=_ATOMIC_HELP),
-               as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+               as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+               allow_open: bool = typer.Option(False, "--allow-open", help=_OPEN_HELP)) -> None:
     """weekly_metrics for one ISO week (its missing, failed or dirty hours first)."""
-    _run("weekly", week, step, atomic, as_json)
+    _run("weekly", week, step, atomic, as_json, allow_open)
 
 
 @run_app.command("monthly")
 def run_monthly(month: Optional[str] = typer.Option(None, help="The month, YYYY-MM."),
                 step: Optional[List[str]] = typer.Option(None, help=_STEP_HELP),
                 atomic: bool = typer.Option(False, help=_ATOMIC_HELP),
-                as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+                as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+                allow_open: bool = typer.Option(False, "--allow-open", help=_OPEN_HELP)) -> None:
     """monthly_metrics for one calendar month (its missing, failed or dirty hours first)."""
-    _run("monthly", month, step, atomic, as_json)
+    _run("monthly", month, step, atomic, as_json, allow_open)
 
 
 # ---- catch-up (logic in catchup.py) -------------------------------------------------------
 
 @app.command("catch-up")
-def catch_up(as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+def catch_up(as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+             dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run, bucket by bucket and step "
+                                          "by step, and why; change nothing.")) -> None:
     """Every dirty, missing or failed bucket: hours first, then the days, weeks and months due."""
     from . import catchup
-    from .terminal import CatchUpView
+    from . import terminal as T
 
     url = say_database()
     say = err.print if as_json else out.print  # with --json, stdout holds only the JSON
-    with CatchUpView(say, err) as view:
+    if dry_run:
+        result = catchup.catch_up(url, dry_run=True)
+        if as_json:
+            _emit_json(result.as_dict())
+            return
+        for rollup, planned in result.plans.items():
+            T.render_plan(out, planned, f"catch-up, {rollup}")
+        out.print("(a day, week or month is listed when it is due now; the hours above may make more of them due)")
+        return
+    with T.CatchUpView(say, err) as view:
         result = catchup.catch_up(url, on_plan=view.on_plan, on_bucket=view.on_bucket)
     n = len(result.buckets)
     prepared = sum(len(r.prepared) for r in result.buckets)
@@ -259,12 +344,18 @@ def backfill(
     rollups: str = typer.Option("hourly,daily,weekly,monthly", help="Rollups to run, comma-separated."),
     force: bool = typer.Option(False, "--force", help="Also re-run buckets that are already done."),
     queue: bool = typer.Option(False, "--queue", help="One tally.backfill_bucket task per bucket, for the workers."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run, bucket by bucket and step by "
+                                 "step, and why; change nothing."),
+    allow_open: bool = typer.Option(False, "--allow-open", help="Also aggregate buckets that have not ended "
+                                    "(their numbers are then partial)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Every whole bucket of a range, hours before the days that contain them; resumable.
 
     A bucket whose steps all succeeded (and whose source has not changed) is skipped
-    unless --force. Ctrl-C stops after the current step; run the command again to continue.
+    unless --force. Buckets that have not ended are left (and named) unless --allow-open.
+    Ctrl-C stops after the current step; the same command continues where it stopped,
+    a forced one included.
     """
     from . import backfill as bf
     from . import terminal as T
@@ -272,7 +363,16 @@ def backfill(
     start, end = _range(from_, to)
     names = B.parse_rollups(rollups)
     url = say_database()
-    job = bf.Backfill(url, start, end, names, force=force)
+    job = bf.Backfill(url, start, end, names, force=force, allow_open=allow_open)
+    if dry_run:
+        planned = job.dry_run()
+        if as_json:
+            _emit_json({"plan": [p.as_dict() for p in planned], "left_open": job.report.left_open})
+            return
+        T.render_plan(out, planned, f"backfill {B.HOUR.label(start)} .. {B.HOUR.label(end)}")
+        if job.report.left_open:
+            out.print(f"left {len(job.report.left_open)} bucket(s) that have not ended (add --allow-open)")
+        return
     with T.ProgressView(err, "backfill") as view, T.stop_on_signals(job.stop, err):
         job.on_update = view.update
         report = job.run_queued() if queue else job.run()
@@ -281,14 +381,14 @@ def backfill(
     if as_json:
         _emit_json(report.as_dict())
     if report.stopped:
-        raise typer.Exit(130)
+        raise typer.Exit(T.exit_code(report.signal))
     if report.failed:
         raise typer.Exit(1)
 
 
 @app.command("retry-failed")
 def retry_failed(
-    since: Optional[str] = typer.Option(None, "--since", help="Only buckets starting at or after this hour."),
+    since: Optional[str] = typer.Option(None, "--since", help="Only steps that failed at or after this time (attempt time, ISO 8601 on the hour)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be retried; run nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
@@ -329,32 +429,39 @@ def retry_failed(
 
 @app.command()
 def status(
-    from_: Optional[str] = typer.Option(None, "--from", help="Start (on the hour). Default: TALLY_CATCHUP_DAYS days before today."),
-    to: Optional[str] = typer.Option(None, "--to", help="End, exclusive (on the hour). Default: the current hour."),
+    from_: Optional[str] = typer.Option(None, "--from", help="Start (on the hour). Default: for each rollup, TALLY_CATCHUP_DAYS days before today and at least its previous bucket."),
+    to: Optional[str] = typer.Option(None, "--to", help="End, exclusive (on the hour). Default: the end of each rollup's current bucket."),
     rollups: str = typer.Option("hourly,daily,weekly,monthly", help="Rollups to show, comma-separated."),
     by: str = typer.Option("auto", help="auto (days beyond 48 hours), hour or day."),
     as_json: bool = typer.Option(False, "--json", help="Print every bucket's states as JSON."),
 ) -> None:
-    """A grid of buckets x steps: ok, failed, dirty, missing, running; a legend and a summary."""
+    """A grid of buckets x steps: ok, failed, dirty, missing, running, sealed; a legend and a summary.
+
+    Without --from/--to each rollup shows the catch-up window and at least its previous
+    and current bucket (a bucket that has not ended shows as open).
+    """
     from . import status as st
     from .config import settings
     from .db import connection
 
-    now = B.floor("hourly", dt.datetime.now(B.UTC))
-    if to is None:
-        to = f"{now:%Y-%m-%dT%H:00Z}"
-    if from_ is None:
-        to_day = B.floor("daily", B.parse_time(to, "--to"))
-        year_one = dt.datetime(1, 1, 1, tzinfo=B.UTC)  # no default before it (timedelta would overflow)
-        default = to_day - dt.timedelta(days=min(settings().catchup_days, (to_day - year_one).days))
-        from_ = f"{default.year:04d}-{default:%m-%dT%H}:00Z"  # %Y drops the padding before 1000
-    start, end = _range(from_, to)
     names = B.parse_rollups(rollups)
     if by not in ("auto", "hour", "day"):
         raise InvalidInput(f"invalid --by {by!r}: expected auto, hour or day")
+    now = _now()
+    if from_ is None and to is None:
+        ranges = st.default_ranges(names, now, settings().catchup_days)
+    else:
+        if to is None:
+            to = B.HOUR.label(B.HOUR.floor(now))
+        if from_ is None:
+            to_day = B.DAY.floor(B.parse_time(to, "--to"))
+            year_one = dt.datetime(1, 1, 1, tzinfo=B.UTC)  # no default before it (timedelta would overflow)
+            from_ = B.HOUR.label(to_day - dt.timedelta(days=min(settings().catchup_days, (to_day - year_one).days)))
+        start, end = _range(from_, to)
+        ranges = {r: (start, end) for r in names}
     url = say_database()
     with connection(url, autocommit=True) as conn:
-        grid = st.grid(conn, start, end, names)
+        grid = st.grid(conn, ranges, now)
     if as_json:
         _emit_json(grid.as_dict())
         return
@@ -469,8 +576,13 @@ def demo(hours: int = typer.Option(48, help="Hours of synthetic data ending at t
          workspaces: int = typer.Option(20, help="Number of workspaces.")) -> None:
     """The whole job on a fresh machine: database, migrations, seed, rollups, status."""
     from . import demo as demo_mod
+    from . import seed as seeding
     from .terminal import DemoView
 
+    try:  # every argument checked before anything is written
+        seeding._validate(B.HOUR.floor(_now()), hours, workspaces, executions_per_hour, 3 * executions_per_hour, 42)
+    except ValueError as exc:
+        raise InvalidInput(f"invalid demo: {exc}") from None
     url = say_database()
     code = demo_mod.run(url, DemoView(out, err), hours=hours, executions_per_hour=executions_per_hour,
                         workspaces=workspaces)
@@ -485,15 +597,30 @@ def _fail(message: str) -> None:
     err.print(" ".join(line.strip() for line in message.splitlines() if line.strip()), markup=False, soft_wrap=True)
 
 
+class Terminated(BaseException):
+    """SIGTERM outside a command that stops gracefully: what runs is rolled back."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every error is one line on stderr and a SPEC exit code."""
+    import signal
+
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("tally").setLevel(logging.WARNING)
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="tally")
         code = rv if isinstance(rv, int) else 0
     except _Exit as exc:
         code = exc.exit_code
+    except Terminated:
+        err.print("tally: terminated (SIGTERM)")
+        code = 143
     except _Abort:
         err.print("tally: interrupted")
         code = 130
@@ -515,12 +642,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         url = settings().database_url
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if isinstance(exc, psycopg.OperationalError):
+        if isinstance(exc, (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction,
+                            psycopg.errors.UndefinedColumn, psycopg.errors.InvalidSchemaName)) \
+                and "analytics" in str(exc):
+            _fail(f"tally: error: this database lacks tally's schema (or an older one): run `tally db upgrade` "
+                  f"({scrub(first, url)})")
+            code = 2
+        elif isinstance(exc, psycopg.OperationalError):
             _fail(f"tally: error: lost the database {redact(url) if url else '(embedded)'}: {scrub(first, url)}")
             code = 3
         else:
             _fail(f"tally: error: database error: {type(exc).__name__}: {scrub(first, url)}")
             code = 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return code
 
 

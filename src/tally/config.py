@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,40 @@ def _float(name: str, default: float, minimum: float = 0.0) -> float:
 
 
 _STEP_TIMEOUT = "TALLY_STATEMENT_TIMEOUT_"
+_KEYWORDS = re.compile(r"\s*(\w+\s*=\s*('([^'\\]|\\.)*'|[^\s']+)\s*)+")
+_QUEUE = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
+
+
+def _database_url() -> str | None:
+    """TALLY_DATABASE_URL, checked for its shape (a postgresql:// URL or key=value pairs)."""
+    raw = os.environ.get("TALLY_DATABASE_URL") or None
+    if raw is None:
+        return None
+    if "://" in raw:
+        if not raw.split("://", 1)[0] in ("postgresql", "postgres"):
+            raise InvalidInput("TALLY_DATABASE_URL must be a postgresql:// URL (or key=value pairs like "
+                               "'host=… dbname=…'); it starts with "
+                               f"{raw.split('://', 1)[0]!r}://")
+    elif not _KEYWORDS.fullmatch(raw):
+        raise InvalidInput("TALLY_DATABASE_URL is neither a postgresql:// URL nor key=value pairs like "
+                           "'host=127.0.0.1 dbname=analytics'")
+    return raw
+
+
+def _home() -> Path:
+    raw = os.environ.get("TALLY_HOME")
+    if raw:
+        return Path(raw).expanduser().absolute()
+    import platformdirs  # the user's data directory: the same embedded database from any folder
+
+    return Path(platformdirs.user_data_dir("tally"))
+
+
+def _choice(name: str, default: str, pattern: re.Pattern, what: str) -> str:
+    raw = os.environ.get(name) or default
+    if not pattern.fullmatch(raw):
+        raise InvalidInput(f"{name}={raw!r} is not {what}")
+    return raw
 
 
 @dataclass(frozen=True)
@@ -51,6 +86,10 @@ class Settings:
     statement_timeout: float  # seconds per step statement, 0 = none
     max_range_days: int  # longest range backfill/verify/status accept
     step_timeouts: dict[str, float]  # TALLY_STATEMENT_TIMEOUT_<STEP>: step name -> seconds
+    queue: str  # the Celery queue tally's tasks go to and its worker consumes
+    task_time_limit: float  # soft time limit of a task (s); the hard one is a minute later
+    visibility_timeout: float  # Redis hands an unacknowledged task to another worker after this (s)
+    broker_prefix: str | None  # prefix of every Redis key of tally's Celery
 
     def statement_timeout_of(self, step: str) -> float:
         """The statement timeout of ``step`` (its own, else TALLY_STATEMENT_TIMEOUT), 0 = none."""
@@ -59,8 +98,8 @@ class Settings:
     @classmethod
     def from_env(cls) -> "Settings":
         return cls(
-            database_url=os.environ.get("TALLY_DATABASE_URL") or None,
-            home=Path(os.environ.get("TALLY_HOME") or ".tally").absolute(),
+            database_url=_database_url(),
+            home=_home(),
             broker_url=os.environ.get("TALLY_BROKER_URL") or "redis://127.0.0.1:6379/0",
             max_retries=_int("TALLY_MAX_RETRIES", 3),
             retry_delay=_float("TALLY_RETRY_DELAY", 300.0),
@@ -72,6 +111,10 @@ class Settings:
             max_range_days=_int("TALLY_MAX_RANGE_DAYS", 400, minimum=1),
             step_timeouts={name[len(_STEP_TIMEOUT):].lower(): _float(name, 0.0)
                            for name in sorted(os.environ) if name.startswith(_STEP_TIMEOUT) and os.environ[name]},
+            queue=_choice("TALLY_QUEUE", "tally", _QUEUE, "a queue name (letters, digits, _ . : -)"),
+            task_time_limit=_float("TALLY_TASK_TIME_LIMIT", 3000.0, minimum=1),
+            visibility_timeout=_float("TALLY_VISIBILITY_TIMEOUT", 3600.0, minimum=1),
+            broker_prefix=os.environ.get("TALLY_BROKER_PREFIX") or None,
         )
 
 

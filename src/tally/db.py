@@ -53,11 +53,12 @@ def scrub(text: str, url: str | None) -> str:
 
 
 _embedded_url: str | None = None
+created_embedded = False  # this process created a new, empty embedded database
 
 
 def embedded_url() -> str:
     """Start (or find running) the embedded PostgreSQL and return its URL."""
-    global _embedded_url
+    global _embedded_url, created_embedded
     if _embedded_url is None:
         try:
             import pgserver
@@ -65,6 +66,7 @@ def embedded_url() -> str:
             raise Unreachable(f"embedded PostgreSQL unavailable: {exc}") from None
         home = settings().home / "pg"
         home.parent.mkdir(parents=True, exist_ok=True)
+        created_embedded = not (home / "PG_VERSION").exists()
         try:
             server = pgserver.get_server(home, cleanup_mode=None)
         except Exception as exc:  # pgserver raises CalledProcessError/AssertionError

@@ -29,8 +29,7 @@ def _run(action, url: str | None, target: str) -> None:
             cfg.attributes["connection"] = connection
             action(cfg, target)
     except OperationalError as exc:
-        first = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
-        raise Unreachable(f"cannot reach {redact(url)}: {scrub(first, url)}") from None
+        raise _unreachable(exc, url) from None
     except CommandError as exc:  # an unknown or ambiguous revision: the user's input, not a crash
         raise InvalidInput(f"invalid revision {target!r}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}") from None
     finally:
@@ -57,6 +56,7 @@ def head() -> str:
 
 
 def current(url: str | None = None) -> str | None:
+    """The schema revision of the database (None: not migrated)."""
     from alembic.runtime.migration import MigrationContext
 
     url = url or database_url()
@@ -64,5 +64,12 @@ def current(url: str | None = None) -> str | None:
     try:
         with engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()
+    except OperationalError as exc:
+        raise _unreachable(exc, url) from None
     finally:
         engine.dispose()
+
+
+def _unreachable(exc: OperationalError, url: str) -> Unreachable:
+    first = str(exc.orig).strip().splitlines()[0] if exc.orig and str(exc.orig).strip() else type(exc).__name__
+    return Unreachable(f"cannot reach {redact(url)}: {scrub(first, url)}")

@@ -98,7 +98,8 @@ def hours_to_prepare(conn: psycopg.Connection, period: Bucket) -> list[Planned]:
 
 
 def failing(conn: psycopg.Connection, since: dt.datetime | None = None) -> list[Planned]:
-    """Every bucket with a failed step (retry-failed), hours first, then by time."""
+    """Every bucket with a failed step (retry-failed), hours first, then by time; with ``since``,
+    only those whose failure came at or after it (attempt time)."""
     found: list[Planned] = []
     for rollup in B.ROLLUPS:
         candidates = S.starts_in(conn, rollup, ["failed"], since)

@@ -17,21 +17,27 @@
 
 Determinism: every hour is generated from its own ``random.Random`` keyed by
 the seed and the absolute hour (plus the workspace count for the static
-population), so the same seed and arguments always give the same rows, and an
-hour seeded twice with the same seed yields the same ``execution_id`` values
-(``seed{S}-{YYYYMMDDHH}-{n}``): executions already present are skipped
-(``ON CONFLICT (execution_id) DO NOTHING``). Activity events have no natural
-key and are appended.
+population), so the same seed and arguments always give the same rows.
+Idempotence: every row has a deterministic key — an execution its
+``execution_id`` (``seed{S}-{YYYYMMDDHH}-{n}``), an event its ``id`` (a number
+above 2**62, far from any identity sequence, made of the seed's arguments, the
+hour and the event's place in it) — and rows already present are skipped by
+whatever unique key the table has, so seeding a range again leaves both tables
+as after the first time, and fills in what an interrupted seed left out.
 
-Speed: rows are rendered as COPY text in Python and streamed with
-``cursor.copy``; executions go through a temporary table and one
-``INSERT … SELECT … ON CONFLICT DO NOTHING`` per batch. Everything is one
-transaction, committed at the end (rolled back on error: all or nothing).
+Speed and memory: rows are rendered as COPY text in Python and streamed with
+``cursor.copy`` every ``_FLUSH_ROWS`` rows (memory stays flat whatever the
+range); executions go through a temporary table and one
+``INSERT … SELECT … ON CONFLICT DO NOTHING`` per batch. Whole hours commit
+together every ``_COMMIT_ROWS`` rows or so: a stop request (``should_stop``) or
+an error rolls back only the hours not committed yet, and a later seed of the
+same range writes them.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 import uuid
 from bisect import bisect_right
 from dataclasses import dataclass
@@ -45,9 +51,11 @@ import psycopg
 __all__ = ["SeedResult", "seed"]
 
 _HOUR_US = 3_600_000_000
+_YEAR_ONE = datetime(1, 1, 1, tzinfo=timezone.utc)
 _MAX_DURATION_US = 3_600_000_000  # 1 h clamp
 _MIN_DURATION_US = 1_000  # 0.001 s clamp
 _FLUSH_ROWS = 100_000  # rows buffered before a COPY round-trip
+_COMMIT_ROWS = 10_000  # whole hours commit once this many rows are written (small hours go together)
 
 # --------------------------------------------------------------------------
 # vocabularies
@@ -115,6 +123,11 @@ _P_DUPLICATE = 0.04
 # --------------------------------------------------------------------------
 # public API
 
+# Bounds of one seed, so a typo cannot fill the disk or the memory (exit 2 names them).
+MAX_PER_HOUR = 1_000_000
+MAX_WORKSPACES = 100_000
+
+
 @dataclass
 class SeedResult:
     executions: int  # execution rows inserted (conflicting execution_ids skipped)
@@ -122,6 +135,13 @@ class SeedResult:
     start: datetime
     end: datetime
     executions_skipped: int = 0  # already present (same seed, same hour)
+    events_skipped: int = 0  # already present
+    hours_seeded: int = 0  # hours written (and committed) by this call
+    stopped: bool = False  # a stop was asked for: the hours after hours_seeded were not written
+
+
+class _Stop(Exception):
+    """A stop was asked for: roll back the hours not committed yet."""
 
 
 def seed(
@@ -134,55 +154,63 @@ def seed(
     events_per_hour: int = 1500,
     seed: int = 42,
     progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> SeedResult:
     """Write synthetic executions and activity events for ``[start, start+hours)``.
 
-    Commits once at the end; on any error the transaction is rolled back and
-    nothing is written. ``progress(done_hours, hours)`` is called after each
-    hour's rows have been sent to the database.
+    Hours already seeded with the same arguments are skipped. Whole hours commit
+    together; on an error (or ``should_stop()``) the hours not committed yet are rolled
+    back. ``progress(done_hours, hours)`` is called after each committed batch.
     """
     start = _validate(start, hours, workspaces, executions_per_hour,
                       events_per_hour, seed)
     end = start + timedelta(hours=hours)
     world = _World(seed, workspaces)
-    writer = _Writer(conn)
+    writer = _Writer(conn, should_stop or (lambda: False))
     # "YYYY-MM-DD HH:" of every hour of the window, for fast timestamp text (strftime's %Y
     # drops the zero padding of years before 1000, which PostgreSQL then misreads)
     prefixes = [f"{t.year:04d}-{t:%m-%d %H}:" for t in (start + timedelta(hours=h) for h in range(hours))]
     end_us = hours * _HOUR_US
+    # the event ids' high bits: this seed's arguments (a different seed or population, other ids)
+    id_key = (1 << 62) | (zlib.crc32(f"{seed}:{workspaces}".encode()) & 0x7FFF) << 47
+    result = SeedResult(0, 0, start, end)
     try:
         writer.begin()
-        done = 0
+        pending = 0
         for h in range(hours):
             hour_dt = start + timedelta(hours=h)
             tag = f"{hour_dt.year:04d}{hour_dt:%m%d%H}"
             if executions_per_hour:
-                _gen_executions(world, writer, seed, tag, prefixes[h],
-                                executions_per_hour)
+                _gen_executions(world, writer, seed, tag, prefixes[h], executions_per_hour)
             if events_per_hour:
-                _gen_events(world, writer, seed, tag, h, prefixes, end_us,
-                            events_per_hour)
-            writer.hour_done()
-            if writer.pending_rows() >= _FLUSH_ROWS or h == hours - 1:
+                hour_number = (hour_dt - _YEAR_ONE) // timedelta(hours=1)
+                _gen_events(world, writer, seed, tag, h, prefixes, end_us, events_per_hour,
+                            id_key | hour_number << 20)
+            pending += 1
+            writer.check()
+            if writer.pending_rows() + writer.sent_since_commit >= _COMMIT_ROWS or h == hours - 1:
                 writer.flush()
-            if progress is not None:
-                while done < writer.flushed_hours:
-                    done += 1
-                    progress(done, hours)
-        conn.commit()
+                conn.commit()
+                writer.committed()
+                result.hours_seeded += pending
+                pending = 0
+                if progress is not None:
+                    progress(result.hours_seeded, hours)
+    except _Stop:
+        conn.rollback()
+        writer.rolled_back()
+        result.stopped = True
     except BaseException:
         try:
             conn.rollback()
         except Exception:  # pragma: no cover - connection already broken
             pass
         raise
-    return SeedResult(
-        executions=writer.exec_inserted,
-        events=writer.events_inserted,
-        start=start,
-        end=end,
-        executions_skipped=writer.exec_sent - writer.exec_inserted,
-    )
+    result.executions = writer.exec_inserted
+    result.events = writer.events_inserted
+    result.executions_skipped = writer.exec_sent - writer.exec_inserted
+    result.events_skipped = writer.events_sent - writer.events_inserted
+    return result
 
 
 # --------------------------------------------------------------------------
@@ -200,6 +228,11 @@ def _validate(start, hours, workspaces, executions_per_hour, events_per_hour,
     _int("workspaces", workspaces, 1)
     _int("executions_per_hour", executions_per_hour, 0)
     _int("events_per_hour", events_per_hour, 0)
+    for name, value, limit in (("executions_per_hour", executions_per_hour, MAX_PER_HOUR),
+                               ("events_per_hour", events_per_hour, MAX_PER_HOUR),
+                               ("workspaces", workspaces, MAX_WORKSPACES)):
+        if value > limit:
+            raise ValueError(f"{name}={value:,} is above the limit of {limit:,}")
     if isinstance(seed_value, bool) or not isinstance(seed_value, int):
         raise ValueError(f"seed must be an integer, got {seed_value!r}")
     if not isinstance(start, datetime):
@@ -290,54 +323,71 @@ class _World:
 # COPY plumbing
 
 _TMP = "_tally_seed_exec"
+_TMP_EVENTS = "_tally_seed_events"
 _EXEC_COLS = ("execution_id, workspace_id, user_id, agent_id, status, "
               "started_at, dur_us, credits_used, metadata")
+_EVENT_COLS_TYPED = ("workspace_id text, user_id text, session_id text, event_type text, event_name text,"
+                     " page_path text, metadata jsonb, created_at timestamptz")
 _EVENT_COLS = ("workspace_id, user_id, session_id, event_type, event_name, "
                "page_path, metadata, created_at")
 
 
 class _Writer:
-    def __init__(self, conn: psycopg.Connection):
+    def __init__(self, conn: psycopg.Connection, should_stop: Callable[[], bool]):
         self.conn = conn
+        self.should_stop = should_stop
         self.exec_lines: list[str] = []
         self.event_lines: list[str] = []
         self.exec_sent = 0
         self.exec_inserted = 0
+        self.events_sent = 0
         self.events_inserted = 0
-        self.hours_generated = 0
-        self.flushed_hours = 0
+        self.sent_since_commit = 0  # rows sent since the last commit
+        self._committed = (0, 0, 0, 0)  # the counts as of the last commit
 
     def begin(self) -> None:
         with self.conn.cursor() as cur:
             cur.execute(
-                f"CREATE TEMP TABLE {_TMP} ("
+                f"CREATE TEMP TABLE IF NOT EXISTS {_TMP} ("
                 " execution_id text, workspace_id text, user_id text,"
                 " agent_id text, status text, started_at timestamptz,"
                 " dur_us bigint, credits_used numeric(18,4), metadata jsonb"
-                ") ON COMMIT DROP"
+                ")"
             )
+            cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_TMP_EVENTS} (id bigint, {_EVENT_COLS_TYPED})")
 
     def pending_rows(self) -> int:
         return len(self.exec_lines) + len(self.event_lines)
 
-    def hour_done(self) -> None:
-        self.hours_generated += 1
+    def check(self) -> None:
+        if self.should_stop():
+            raise _Stop
 
     def maybe_flush(self) -> None:
-        if self.pending_rows() >= _FLUSH_ROWS * 4:  # a single huge hour
-            self._flush_rows()
+        """Called from the generators' loops: bounded memory, and a prompt stop."""
+        self.check()
+        if self.pending_rows() >= _FLUSH_ROWS:
+            self.flush()
+
+    def committed(self) -> None:
+        self.sent_since_commit = 0
+        self._committed = (self.exec_sent, self.exec_inserted, self.events_sent, self.events_inserted)
+
+    def rolled_back(self) -> None:
+        self.exec_lines.clear()
+        self.event_lines.clear()
+        self.exec_sent, self.exec_inserted, self.events_sent, self.events_inserted = self._committed
 
     def flush(self) -> None:
-        self._flush_rows()
-        self.flushed_hours = self.hours_generated
-
-    def _flush_rows(self) -> None:
+        self.sent_since_commit += self.pending_rows()
         with self.conn.cursor() as cur:
             if self.exec_lines:
                 with cur.copy(f"COPY {_TMP} ({_EXEC_COLS}) FROM STDIN") as cp:
                     cp.write("".join(self.exec_lines))
                 self.exec_sent += len(self.exec_lines)
                 self.exec_lines.clear()  # in place: generators hold a reference
+                # no conflict target: whatever unique key the table has (execution_id alone, or with
+                # started_at in a partitioned table) skips what is already there
                 cur.execute(
                     "INSERT INTO public.execution_logs (execution_id,"
                     " workspace_id, user_id, agent_id, status, started_at,"
@@ -347,17 +397,20 @@ class _Writer:
                     " dur_us::double precision / 1000000, credits_used, metadata,"
                     " started_at"
                     f" FROM {_TMP}"
-                    " ON CONFLICT (execution_id) DO NOTHING"
+                    " ON CONFLICT DO NOTHING"
                 )
                 self.exec_inserted += max(cur.rowcount, 0)
                 cur.execute(f"TRUNCATE {_TMP}")
             if self.event_lines:
-                with cur.copy(
-                    f"COPY analytics.user_activity ({_EVENT_COLS}) FROM STDIN"
-                ) as cp:
+                with cur.copy(f"COPY {_TMP_EVENTS} (id, {_EVENT_COLS}) FROM STDIN") as cp:
                     cp.write("".join(self.event_lines))
-                self.events_inserted += len(self.event_lines)
+                self.events_sent += len(self.event_lines)
                 self.event_lines.clear()
+                # explicit ids, whether the column is GENERATED BY DEFAULT or ALWAYS
+                cur.execute(f"INSERT INTO analytics.user_activity (id, {_EVENT_COLS}) OVERRIDING SYSTEM VALUE"
+                            f" SELECT id, {_EVENT_COLS} FROM {_TMP_EVENTS} ON CONFLICT DO NOTHING")
+                self.events_inserted += max(cur.rowcount, 0)
+                cur.execute(f"TRUNCATE {_TMP_EVENTS}")
 
 
 # --------------------------------------------------------------------------
@@ -431,12 +484,12 @@ def _gen_executions(world: _World, writer: _Writer, seed_value: int, tag: str,
             f'{{"model": "{agent.model}", "tokens": {tokens}, '
             f'"trigger": "{trig}"{extra}}}\n'
         )
-        if (i & 0xFFFF) == 0xFFFF:
+        if (i & 0x3FFF) == 0x3FFF:
             writer.maybe_flush()
 
 
 def _gen_events(world: _World, writer: _Writer, seed_value: int, tag: str,
-                h: int, prefixes: list[str], end_us: int, quota: int) -> None:
+                h: int, prefixes: list[str], end_us: int, quota: int, id_base: int) -> None:
     rng = Random(f"tally-seed:{seed_value}:events:{tag}:{len(world.workspaces)}")
     rand = rng.random
     lognorm = rng.lognormvariate
@@ -451,6 +504,7 @@ def _gen_events(world: _World, writer: _Writer, seed_value: int, tag: str,
     append = out.append
     hour_base = h * _HOUR_US
     emitted = 0
+    next_check = 16384
     while emitted < quota:
         ws = ws_list[bis(ws_cum, rand() * ws_tot)]
         user = ws.users[bis(ws.user_cum, rand() * ws.user_tot)]
@@ -514,14 +568,15 @@ def _gen_events(world: _World, writer: _Writer, seed_value: int, tag: str,
             s, us = divmod(rem, 1_000_000)
             line = (f"{ws_txt}\t{user}\t{sess_txt}\t{etype}\t{name}\t{path}\t"
                     f"{meta}\t{prefixes[hidx]}{m:02d}:{s:02d}.{us:06d}+00\n")
-            append(line)
+            append(f"{id_base | emitted}\t{line}")
             emitted += 1
             if emitted >= quota:
                 break
-            if rand() < _P_DUPLICATE:  # double-fired event
-                append(line)
+            if rand() < _P_DUPLICATE:  # double-fired event: the same content, a row of its own
+                append(f"{id_base | emitted}\t{line}")
                 emitted += 1
                 if emitted >= quota:
                     break
-        if len(out) >= _FLUSH_ROWS * 4:
+        if emitted >= next_check:  # every ~16 k events: bounded memory, a prompt stop
+            next_check = emitted + 16384
             writer.maybe_flush()

@@ -288,7 +288,8 @@ def of(conn: psycopg.Connection, bucket: Bucket) -> BucketState:
 
 def starts_in(conn: psycopg.Connection, rollup: str, states: Iterable[str], since: dt.datetime | None = None
               ) -> list[Bucket]:
-    """The buckets of ``rollup`` with a step whose *stored* state is one of ``states`` (oldest first)."""
+    """The buckets of ``rollup`` with a step whose *stored* state is one of ``states`` (oldest first);
+    with ``since``, only those whose state changed at or after it (attempt time)."""
     rows = conn.execute(query("state_starts"), dict(rollup=rollup, states=list(states), since=since)).fetchall()
     return [Bucket(rollup, s.astimezone(B.UTC), e.astimezone(B.UTC)) for s, e in rows]
 

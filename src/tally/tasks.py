@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
+import json
 import ipaddress
 import logging
-import os
 import random
 import uuid
 
@@ -38,16 +38,15 @@ from . import alerts
 from . import buckets as B
 from . import plan as P
 from . import state as S
-from .config import _float, settings
+from .config import settings
 from .db import redact
 from .errors import InvalidInput, TallyError, Unreachable
-from .rollups import RollupResult, Runner
+from .rollups import TRIGGERS, RollupResult, Runner
 from .state import State
 from .steps import steps_of
 
 log = logging.getLogger("tally")
 
-QUEUE = "tally"
 
 
 class RollupFailed(TallyError):
@@ -90,16 +89,16 @@ def _celery_settings() -> dict:
     s = settings()
     # The soft limit stops a task cleanly (its step is recorded failed, then retried); the hard
     # limit, a minute later, kills a process that did not stop.
-    soft = _float("TALLY_TASK_TIME_LIMIT", 3000.0, minimum=1)
+    soft = s.task_time_limit
     # Redis redelivers an unacknowledged message after this: longer than any task, retry delay included.
-    visibility = _float("TALLY_VISIBILITY_TIMEOUT", 3600.0, minimum=1)
+    visibility = s.visibility_timeout
     transport = {
         "visibility_timeout": visibility,
         # look for the messages of dead workers often enough for a short visibility timeout to hold
         "unacked_restore_interval": max(1, min(60, int(visibility // 10))),
         "unacked_restore_throttle": 1,
     }
-    prefix = os.environ.get("TALLY_BROKER_PREFIX")
+    prefix = s.broker_prefix
     if prefix:  # several deployments (or test runs) sharing one Redis
         transport["global_keyprefix"] = prefix
     redis = s.broker_url.startswith(("redis://", "rediss://", "unix://"))
@@ -112,7 +111,7 @@ def _celery_settings() -> dict:
         result_backend_transport_options={"global_keyprefix": prefix} if prefix else {},
         result_expires=dt.timedelta(days=1),
         result_extended=True,
-        task_default_queue=QUEUE,
+        task_default_queue=s.queue,
         task_serializer="json",
         accept_content=["json"],
         task_soft_time_limit=soft,
@@ -127,7 +126,8 @@ def _celery_settings() -> dict:
         timezone="UTC",
         # Every hour at minute 5: catch-up aggregates whatever is missing, failed or dirty, so a
         # stopped worker or scheduler leaves no permanent gap.
-        beat_schedule={"catch-up": {"task": "tally.catch_up", "schedule": crontab(minute=5)}},
+        beat_schedule={"catch-up": {"task": "tally.catch_up", "schedule": crontab(minute=5),
+                                    "options": {"headers": {"tally_trigger": "catch-up"}}}},
         beat_schedule_filename=str(s.home / "celerybeat-schedule"),
     )
 
@@ -220,9 +220,27 @@ class RollupTask(TallyTask):
         # Sent by name without a bucket (send_task bypasses apply_async): the eta, else now - loudly.
         when = dt.datetime.fromisoformat(self.request.eta) if self.request.eta else None
         chosen = B.last_complete(self.rollup, when)
-        log.warning("%s was sent without a %s: running %s, the last complete one at %s",
+        log.warning("%s was sent without its %s: running %s, the last complete one at %s",
                     self.name, self.bucket_arg, chosen.label, "its eta" if when else "run time")
         return chosen
+
+
+def _trigger(task: Task, given: str | None) -> str:
+    """Who sent the task: the sender's word (a ``trigger`` argument, or the ``tally_trigger`` header
+    beat's entries carry), else ``manual``."""
+    trigger = given or (task.request.headers or {}).get("tally_trigger") or getattr(task.request, "tally_trigger", None)
+    if trigger is None:
+        return "manual"
+    if trigger not in TRIGGERS:
+        raise InvalidInput(f"unknown trigger {trigger!r} (expected one of {', '.join(TRIGGERS)})")
+    return trigger
+
+
+def _refuse_open(bucket: B.Bucket, allow_open: bool) -> None:
+    """As the CLI: a bucket that has not ended would be aggregated from part of its rows."""
+    if not allow_open and bucket.end > dt.datetime.now(B.UTC):
+        raise InvalidInput(f"{bucket} has not ended (it ends {bucket.end.isoformat()}): its numbers would be "
+                           "partial; send allow_open=True to aggregate it anyway")
 
 
 def _again(task: Task) -> bool:
@@ -275,43 +293,50 @@ def _run(task: TallyTask, bucket: B.Bucket, *, trigger: str, steps=None, atomic:
     return _summary(result)
 
 
-def _rollup(task: RollupTask, when: str | None, steps, atomic: bool) -> dict:
+def _rollup(task: RollupTask, when: str | None, steps, atomic: bool, allow_open: bool, trigger: str | None) -> dict:
     bucket = task.bucket(when)
     steps_of(task.rollup, steps)  # an unknown step is invalid input: fails now, never retried
-    return _run(task, bucket, trigger="schedule", steps=steps, atomic=atomic)
+    _refuse_open(bucket, allow_open)
+    return _run(task, bucket, trigger=_trigger(task, trigger), steps=steps, atomic=atomic)
 
 
 @app.task(name="tally.hourly_rollup", base=RollupTask, rollup="hourly", bucket_arg="hour", bind=True)
-def hourly_rollup(self, hour: str | None = None, steps: list[str] | None = None, atomic: bool = False) -> dict:
+def hourly_rollup(self, hour: str | None = None, steps: list[str] | None = None, atomic: bool = False,
+                  allow_open: bool = False, trigger: str | None = None) -> dict:
     """execution_metrics, user_activity, credit_consumption for one hour (ISO, on the hour)."""
-    return _rollup(self, hour, steps, atomic)
+    return _rollup(self, hour, steps, atomic, allow_open, trigger)
 
 
 @app.task(name="tally.daily_rollup", base=RollupTask, rollup="daily", bucket_arg="date", bind=True)
-def daily_rollup(self, date: str | None = None, steps: list[str] | None = None, atomic: bool = False) -> dict:
+def daily_rollup(self, date: str | None = None, steps: list[str] | None = None, atomic: bool = False,
+                 allow_open: bool = False, trigger: str | None = None) -> dict:
     """daily_metrics for one UTC day (YYYY-MM-DD); its unready hours first."""
-    return _rollup(self, date, steps, atomic)
+    return _rollup(self, date, steps, atomic, allow_open, trigger)
 
 
 @app.task(name="tally.weekly_rollup", base=RollupTask, rollup="weekly", bucket_arg="week", bind=True)
-def weekly_rollup(self, week: str | None = None, steps: list[str] | None = None, atomic: bool = False) -> dict:
+def weekly_rollup(self, week: str | None = None, steps: list[str] | None = None, atomic: bool = False,
+                  allow_open: bool = False, trigger: str | None = None) -> dict:
     """weekly_metrics for one ISO week, given by its Monday."""
-    return _rollup(self, week, steps, atomic)
+    return _rollup(self, week, steps, atomic, allow_open, trigger)
 
 
 @app.task(name="tally.monthly_rollup", base=RollupTask, rollup="monthly", bucket_arg="month", bind=True)
-def monthly_rollup(self, month: str | None = None, steps: list[str] | None = None, atomic: bool = False) -> dict:
+def monthly_rollup(self, month: str | None = None, steps: list[str] | None = None, atomic: bool = False,
+                   allow_open: bool = False, trigger: str | None = None) -> dict:
     """monthly_metrics for one calendar month (YYYY-MM)."""
-    return _rollup(self, month, steps, atomic)
+    return _rollup(self, month, steps, atomic, allow_open, trigger)
 
 
 @app.task(name="tally.backfill_bucket", base=TallyTask, bind=True)
-def backfill_bucket(self, rollup: str, bucket: str, force: bool = False) -> dict:
+def backfill_bucket(self, rollup: str, bucket: str, force: bool = False, allow_open: bool = False) -> dict:
     """One bucket of a backfill: its steps that are missing, failed or dirty (all with ``force``);
     nothing if it is done and current."""
     if bucket is None:
         raise InvalidInput(f"backfill_bucket needs a bucket for the {rollup} rollup")
-    return _run(self, B.parse_bucket(rollup, bucket), trigger="backfill", backfill_force=bool(force))
+    target = B.parse_bucket(rollup, bucket)
+    _refuse_open(target, allow_open)
+    return _run(self, target, trigger="backfill", backfill_force=bool(force))
 
 
 @app.task(name="tally.catch_up", base=TallyTask, bind=True)
@@ -324,7 +349,7 @@ def catch_up(self, now: str | None = None) -> dict:
     from .catchup import catch_up as run_catch_up
 
     as_of = None if now is None else B.parse_time(now, "now")
-    result = run_catch_up(trigger="retry" if _again(self) else "catch-up", task_id=self.request.id, now=as_of,
+    result = run_catch_up(trigger="retry" if _again(self) else _trigger(self, "catch-up"), task_id=self.request.id, now=as_of,
                           stop_on=(SoftTimeLimitExceeded,))
     if result.stopped:
         raise TransientFailure(_cut(result.buckets))
@@ -354,14 +379,43 @@ def _start(argv: list[str]) -> int:
     return code or 0
 
 
+def stray_tasks(default: str = "celery") -> int:
+    """How many tally tasks wait in Celery's default queue, which tally's worker does not consume
+    (another app sent them by name without ``queue=``). Redis only; elsewhere 0."""
+    if default == app.conf.task_default_queue:
+        return 0
+    try:
+        with app.connection_for_read() as conn:
+            client = getattr(conn.default_channel, "client", None)
+            if client is None:
+                return 0
+            prefix = app.conf.broker_transport_options.get("global_keyprefix", "")
+            messages = client.lrange(f"{prefix}{default}", 0, 999)
+    except Exception:  # an unreachable or unusual broker: nothing to say here
+        return 0
+    found = 0
+    for raw in messages:
+        try:
+            name = json.loads(raw).get("headers", {}).get("task", "")
+        except (ValueError, AttributeError):
+            continue
+        found += name.startswith("tally.")
+    return found
+
+
 def run_worker(extra: list[str], *, concurrency: int | None, loglevel: str) -> int:
     check_broker()
+    stray = stray_tasks()
+    if stray:
+        log.warning("%d tally task(s) wait in Celery's default queue 'celery', which this worker does not consume "
+                    "(it consumes %r, TALLY_QUEUE): their sender must pass queue=%r to send_task", stray,
+                    app.conf.task_default_queue, app.conf.task_default_queue)
     visibility = app.conf.broker_transport_options["visibility_timeout"]
     if visibility <= max(app.conf.task_time_limit, settings().retry_delay):
         log.warning("TALLY_VISIBILITY_TIMEOUT=%ss is not longer than a task may run (%ss) or wait for its retry "
                     "(%ss): Redis will deliver such a task twice", visibility, app.conf.task_time_limit,
                     settings().retry_delay)
-    argv = ["worker", f"--loglevel={loglevel}", f"--queues={QUEUE}"]
+    argv = ["worker", f"--loglevel={loglevel}", f"--queues={app.conf.task_default_queue}"]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
     return _start(argv + extra)

@@ -52,26 +52,42 @@ def _word(state: State) -> Text:
     return Text(state.value, style=COLORS[state])
 
 
+def _cell(g, bs, step: str) -> Text:
+    """A bucket's state in words; a bucket that has not ended and was never run is 'open', not missing."""
+    if g.is_open(bs.bucket) and bs[step] is State.MISSING:
+        return Text("open", style="dim")
+    return _word(bs[step])
+
+
 def _shown(counts: Counter) -> tuple[State, ...]:
     return SHOWN + ((State.SEALED,) if counts[State.SEALED.value] else ())
 
 
-def _legend(states: tuple[State, ...]) -> Text:
+def _legend(states: tuple[State, ...], open_shown: bool) -> Text:
     text = Text()
     for i, s in enumerate(states):
         text.append(f"{GLYPHS[s]} {s.value}", style=COLORS[s])
         text.append(f" = {MEANING[s]}" + ("  ·  " if i < len(states) - 1 else ""))
+    if open_shown:
+        text.append("  ·  ")
+        text.append("open", style="dim")
+        text.append(" = has not ended yet")
     return text
 
 
 def _summary_line(g, states: tuple[State, ...]) -> Text:
     counts = g.summary()
+    opened = sum(1 for rows in g.states.values() for b, bs in rows.items() if g.is_open(b)
+                 for st in bs.steps.values() if st.state is State.MISSING)
+    counts[State.MISSING.value] -= opened  # not due yet: shown as open
     sizes = ", ".join(f"{len(rows)} {B.KIND[r]}{'s' if len(rows) != 1 else ''}"
                       for r, rows in g.states.items() if rows) or "no whole bucket"
     text = Text(f"{g.start:%Y-%m-%dT%H:00Z} .. {g.end:%Y-%m-%dT%H:00Z}: {sizes}; steps: ")
     for i, s in enumerate(states):
         text.append(f"{counts[s.value]} {s.value}", style=COLORS[s] if counts[s.value] else None)
         text.append(", " if i < len(states) - 1 else "")
+    if opened:
+        text.append(f", {opened} open")
     hints = []
     if counts[State.FAILED.value]:
         hints.append("tally retry-failed")
@@ -82,62 +98,94 @@ def _summary_line(g, states: tuple[State, ...]) -> Text:
     return text
 
 
-def _hour_strip(day: dt.datetime, step: str, hours: dict) -> Text:
+def _hour_strip(day: dt.datetime, step: str, hours: dict, now: dt.datetime) -> Text:
     text = Text()
     for i in range(24):
         if i and i % 6 == 0:
             text.append(" ")
         bs = hours.get(B.HOUR.bucket(day + dt.timedelta(hours=i)))
-        if bs is None:
-            text.append(" ")
+        if bs is None or (bs[step] is State.MISSING and bs.bucket.end > now):
+            text.append(" ")  # outside the range, or not ended yet
         else:
             text.append(GLYPHS[bs[step]], style=COLORS[bs[step]])
     return text
 
 
+STRIP = 24 + 3  # one mark an hour, a space every six
+DAILY = B.DAY.rollup
+
+
+def _wide_fold_width() -> int:
+    """Columns the folded grid needs with one column per hourly step (borders and padding included)."""
+    names = [len(s) for s in ROLLUP_STEPS[B.HOUR.rollup]]
+    cells = [len("2026-11-23"), *(max(n, STRIP) for n in names), len("daily_metrics")]
+    return sum(cells) + 3 * len(cells) + 1
+
+
 def render_status(console: Console, g, by: str = "auto") -> None:
-    """The grid: tables of buckets × steps, a legend and a one-line summary."""
+    """The grid: tables of buckets × steps, a legend and a one-line summary.
+
+    Beyond 48 hours (or with ``by='day'``) hours fold into one row per day, one mark per
+    hour. On a terminal too narrow for a column per hourly step, each day takes one row
+    per step instead: every bucket and every step stays visible, nothing is cut.
+    """
     hours = g.states.get(B.HOUR.rollup, {})
     fold = by == "day" or (by == "auto" and len(hours) > FOLD_HOURS)
     periods = [r for r in g.states if B.grain(r).parts is not None]
+    steps = ROLLUP_STEPS[B.HOUR.rollup]
     if hours and fold:
-        days = list(B.touching(B.DAY.rollup, g.start, g.end))
-        daily = g.states.get(B.DAY.rollup, {})
+        days = list(B.touching(DAILY, min(b.start for b in hours), max(b.end for b in hours)))
+        daily = g.states.get(DAILY, {})
         table = Table(title="hours by day (one mark per hour, 00-23 UTC)", title_justify="left")
-        table.add_column("day")
-        for step in ROLLUP_STEPS[B.HOUR.rollup]:
-            table.add_column(step, no_wrap=True)
-        if B.DAY.rollup in g.states:
-            table.add_column("daily_metrics")
+        table.add_column("day", no_wrap=True)
+        wide = console.width >= _wide_fold_width()
+        if wide:
+            for step in steps:
+                table.add_column(step, no_wrap=True)
+        else:
+            table.add_column("step", no_wrap=True)
+            table.add_column("00     06     12     18", no_wrap=True)
+        if DAILY in g.states:
+            table.add_column("daily_metrics" if wide else "daily", no_wrap=True)
+
+        def day_word(day):
+            bs = daily.get(day)
+            return _cell(g, bs, "daily_metrics") if bs else Text("(partial day)", style="bright_black")
+
         for day in days:
-            row = [day.label, *(_hour_strip(day.start, s, hours) for s in ROLLUP_STEPS[B.HOUR.rollup])]
-            if B.DAY.rollup in g.states:
-                bs = daily.get(day)
-                row.append(_word(bs["daily_metrics"]) if bs else Text("(partial day)", style="bright_black"))
-            table.add_row(*row)
+            if wide:
+                row = [day.label, *(_hour_strip(day.start, s, hours, g.now) for s in steps)]
+                table.add_row(*row, *([day_word(day)] if DAILY in g.states else []))
+                continue
+            for i, step in enumerate(steps):
+                row = [day.label if i == 0 else "", step, _hour_strip(day.start, step, hours, g.now)]
+                if DAILY in g.states:
+                    row.append(day_word(day) if i == 0 else "")
+                table.add_row(*row, end_section=i == len(steps) - 1)
         console.print(table)
-        periods = [r for r in periods if r != B.DAY.rollup]  # shown beside its hours
+        periods = [r for r in periods if r != DAILY]  # shown beside its hours
     elif hours:
         table = Table(title=B.HOUR.rollup, title_justify="left")
-        table.add_column("hour")
-        for step in ROLLUP_STEPS[B.HOUR.rollup]:
-            table.add_column(step)
+        table.add_column("hour", no_wrap=True)
+        for step in steps:
+            table.add_column(step, no_wrap=True)
         for b, bs in hours.items():
-            table.add_row(b.label, *(_word(bs[s]) for s in ROLLUP_STEPS[B.HOUR.rollup]))
+            table.add_row(b.label, *(_cell(g, bs, s) for s in steps))
         console.print(table)
     for rollup in periods:
         rows = g.states[rollup]
         if not rows:
             continue
         table = Table(title=rollup, title_justify="left")
-        table.add_column(B.KIND[rollup])
+        table.add_column(B.KIND[rollup], no_wrap=True)
         for step in ROLLUP_STEPS[rollup]:
-            table.add_column(step)
+            table.add_column(step, no_wrap=True)
         for b, bs in rows.items():
-            table.add_row(b.label, *(_word(bs[s]) for s in ROLLUP_STEPS[rollup]))
+            table.add_row(b.label, *(_cell(g, bs, s) for s in ROLLUP_STEPS[rollup]))
         console.print(table)
     states = _shown(g.summary())
-    console.print(_legend(states))
+    open_shown = any(g.is_open(b) for rows in g.states.values() for b in rows)
+    console.print(_legend(states, open_shown))
     console.print(_summary_line(g, states))
 
 
@@ -214,17 +262,44 @@ class ProgressView:
                              description=report.current or "")
 
 
+class Stop:
+    """A stop asked for by a signal: which one, and the exit code it means."""
+
+    def __init__(self):
+        self.signal: str | None = None
+
+    def __call__(self, why: str = "SIGINT") -> None:
+        self.signal = self.signal or why
+
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code(self.signal)
+
+
+def exit_code(signal_name: str | None) -> int:
+    """128 + the signal: 130 for Ctrl-C (SIGINT), 143 for SIGTERM."""
+    return 143 if signal_name == "SIGTERM" else 130
+
+
 @contextlib.contextmanager
-def stop_on_signals(stop: Callable[[], None], console: Console) -> Iterator[None]:
-    """Ctrl-C (or SIGTERM) once: ``stop()`` (the step running now finishes). Ctrl-C twice: stop now (rolled back)."""
+def stop_on_signals(stop: Callable[[str], None], console: Console) -> Iterator[None]:
+    """Ctrl-C or SIGTERM once: ``stop(signal name)``, and the work stops after the step (or hour) it
+    is in. Ctrl-C twice: stop now (what is not committed is rolled back)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def first(signum, frame) -> None:
-        stop()
-        console.print("[yellow]stopping after the current step[/] (Ctrl-C again to stop at once; "
-                      "that step is then rolled back)")
+        name = signal.Signals(signum).name
+        stop(name)
+        if name == "SIGTERM":
+            console.print("[yellow]terminated (SIGTERM)[/]: stopping after the current step")
+        else:
+            console.print("[yellow]stopping after the current step[/] (Ctrl-C again to stop at once; "
+                          "that step is then rolled back)")
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -253,6 +328,13 @@ def print_report(console: Console, report, what: str) -> None:
         console.print(f"  … and {len(report.failed) - 20} more: `tally runs --failed`")
     if report.failed:
         console.print("  re-run them with `tally retry-failed`")
+    if getattr(report, "resumed", None):
+        console.print(f"resumed the forced backfill that began {report.resumed}: buckets it had done were not "
+                      "forced again")
+    left = getattr(report, "left_open", [])
+    if left:
+        console.print(f"left {len(left)} bucket(s) that have not ended ({left[0]}"
+                      + (f" … {left[-1]}" if len(left) > 1 else "") + "): run them once they have, or add --allow-open")
     if report.stopped and report.queued:
         console.print("[yellow]stopped waiting[/]: the tasks sent stay queued; run the same command again "
                       "to send the rest")
@@ -292,6 +374,19 @@ class CatchUpView:
                         first = escape(s.error.splitlines()[0]) if s.error else ""
                         self.progress.console.print(
                             f"  {r.bucket} {s.step}: [{STATUS_COLORS[s.status]}]{s.status}[/] {first}")
+
+
+def render_plan(console: Console, planned, title: str) -> None:
+    """A plan before work: every bucket and step that would run, and why (nothing runs)."""
+    if not planned:
+        console.print(f"{title}: nothing to run")
+        return
+    table = Table(title=f"{title}: {len(planned)} bucket(s) would run", title_justify="left")
+    for col in ("bucket", "steps", "reason", "why"):
+        table.add_column(col, no_wrap=col != "why", overflow="fold")
+    for p in planned:
+        table.add_row(str(p.bucket), "\n".join(p.steps), p.reason, p.why)
+    console.print(table)
 
 
 # ---- verify ----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import datetime as dt
 
 import pytest
 
+from celery_support import wait_for
 from fault_support import (HOUR, UTC, assert_ledger_truthful, assert_no_duplicates, assert_same_outputs,
                            clean_outputs, hours_of, ledger, one_error_line, run_tally, seed_hours, start_tally,
                            tally_env)
@@ -55,6 +56,9 @@ def test_connection_killed_mid_step(faulty, make_db, conn, tmp_path, kill, rollu
         assert pid in victims and (kill == "data" or len(victims) >= 2)
         for victim in victims:
             conn.execute("SELECT pg_terminate_backend(%s)", (victim,))
+        # terminating is asynchronous: open the gate only once the victims are gone, or one may pass it first
+        wait_for(lambda: not conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s)", (victims,)).fetchone(),
+                 60, "the killed sessions to end")
         faults.open(gate)
         assert proc.wait(120) == 1, log.read_text()
     finally:

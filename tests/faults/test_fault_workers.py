@@ -64,13 +64,13 @@ def test_worker_killed_mid_task_the_task_is_delivered_again(faulty, conn, make_d
                 w.stop()
     rows = ledger(conn, "hourly", H1)
     assert [(r[1], r[3], r[4], r[5]) for r in rows] == [
-        ("execution_metrics", "failed", 1, "schedule"), ("execution_metrics", "succeeded", 2, "retry"),
+        ("execution_metrics", "failed", 1, "manual"), ("execution_metrics", "succeeded", 2, "retry"),
         ("user_activity", "succeeded", 1, "retry"), ("credit_consumption", "succeeded", 1, "retry")]
     assert rows[0][6].startswith("abandoned")
     # hour 00 was finished by the first worker and not run again
     assert [(r[1], r[3], r[5]) for r in ledger(conn, "hourly", T0)] == [
-        ("execution_metrics", "succeeded", "schedule"), ("user_activity", "succeeded", "schedule"),
-        ("credit_consumption", "succeeded", "schedule")]
+        ("execution_metrics", "succeeded", "manual"), ("user_activity", "succeeded", "manual"),
+        ("credit_consumption", "succeeded", "manual")]
     buckets = [B.bucket("hourly", h) for h in hours_of(T0, HOURS)] + [day]
     assert_same_outputs(conn, clean_outputs(make_db, T0, HOURS, buckets))
     assert_no_duplicates(conn, hours_of(T0, HOURS))
@@ -166,8 +166,8 @@ def test_a_permanently_failing_step_alerts_at_once_without_retries(faulty, conn,
         w.stop()
     rows = ledger(conn, "hourly", H1)
     assert [(x[1], x[3], x[4], x[5]) for x in rows] == [
-        ("execution_metrics", "succeeded", 1, "schedule"), ("user_activity", "failed", 1, "schedule"),
-        ("credit_consumption", "succeeded", 1, "schedule")]
+        ("execution_metrics", "succeeded", 1, "manual"), ("user_activity", "failed", 1, "manual"),
+        ("credit_consumption", "succeeded", 1, "manual")]
     [alert] = webhook.posts  # one alert, at once
     assert alert["bucket"] == label and alert["step"] == "user_activity" and alert["attempts"] == 1
     assert "user_sessions" in alert["text"]

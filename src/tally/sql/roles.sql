@@ -16,7 +16,8 @@ CREATE ROLE {role} NOLOGIN;
 REVOKE ALL ON public.execution_logs, analytics.user_activity,
     analytics.execution_metrics_hourly, analytics.user_activity_hourly, analytics.credit_consumption_hourly,
     analytics.execution_metrics_daily, analytics.execution_metrics_weekly, analytics.execution_metrics_monthly,
-    analytics.aggregation_runs, analytics.aggregation_latest, analytics.dirty_log, analytics.bucket_state
+    analytics.aggregation_runs, analytics.aggregation_latest, analytics.dirty_log, analytics.bucket_state,
+    analytics.backfill_runs
     FROM {role};
 GRANT USAGE ON SCHEMA public, analytics TO {role};
 GRANT SELECT ON public.execution_logs, analytics.user_activity TO {role};
@@ -27,6 +28,8 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON
 GRANT SELECT, INSERT, UPDATE ON analytics.aggregation_runs TO {role};
 -- the current state of every bucket changes with the ledger attempt that moves it
 GRANT SELECT, INSERT, UPDATE ON analytics.bucket_state TO {role};
+-- a forced backfill records when it began and ended, so the identical command can resume it
+GRANT SELECT, INSERT, UPDATE ON analytics.backfill_runs TO {role};
 GRANT SELECT ON analytics.aggregation_latest TO {role};
 -- a rollup claims its hour's change marks (UPDATE) and clears them once read (DELETE)
 GRANT SELECT, UPDATE, DELETE ON analytics.dirty_log TO {role};
@@ -43,7 +46,8 @@ GRANT TEMPORARY ON DATABASE {database} TO {role};
 REVOKE ALL ON public.execution_logs, analytics.user_activity,
     analytics.execution_metrics_hourly, analytics.user_activity_hourly, analytics.credit_consumption_hourly,
     analytics.execution_metrics_daily, analytics.execution_metrics_weekly, analytics.execution_metrics_monthly,
-    analytics.aggregation_runs, analytics.aggregation_latest, analytics.dirty_log, analytics.bucket_state
+    analytics.aggregation_runs, analytics.aggregation_latest, analytics.dirty_log, analytics.bucket_state,
+    analytics.backfill_runs
     FROM {role};
 GRANT USAGE ON SCHEMA analytics TO {role};
 GRANT SELECT ON

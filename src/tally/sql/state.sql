@@ -167,12 +167,13 @@ JOIN analytics.dirty_log d ON d.hour >= r.lo AND d.hour < r.hi
 GROUP BY d.hour, d.source;
 
 -- state_starts --
--- The buckets of one rollup whose stored state is one of `states`, optionally starting at or
--- after `since`, oldest first (the partial index holds every state but ok).
+-- The buckets of one rollup whose stored state is one of `states`, optionally only those whose
+-- state changed (their latest attempt ended) at or after `since`, oldest first (the partial
+-- index holds every state but ok).
 SELECT DISTINCT bucket_start, bucket_end
 FROM analytics.bucket_state
 WHERE rollup = %(rollup)s AND state = ANY(%(states)s::text[])
-  AND (%(since)s::timestamptz IS NULL OR bucket_start >= %(since)s::timestamptz)
+  AND (%(since)s::timestamptz IS NULL OR changed_at >= %(since)s::timestamptz)
 ORDER BY bucket_start;
 
 -- state_changed_after --
