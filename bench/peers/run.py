@@ -68,13 +68,21 @@ OUTPUTS = {
 EXPECTED_TABLES = 3  # bench_verify.* tables of a ready source
 
 
+def _first_row(out: str, where: str = "TRUE", alias: str = "") -> str:
+    """SQL: the key of output ``out``'s first row (in key order) matching ``where``; by key, not
+    ctid, since SQLMesh's outputs are views over its versioned tables."""
+    o = OUTPUTS[out]
+    keys = ", ".join(o.keys)
+    mine = ", ".join(alias + k for k in o.keys)
+    return f"({mine}) = (SELECT {keys} FROM {o.relation} WHERE {where} ORDER BY {keys} LIMIT 1)"
+
+
 def _scale_to_expected(out: str, column: str, factor: str) -> str:
     """SQL: set ``column`` of one row of output ``out`` to ``factor`` x its expected value."""
     o = OUTPUTS[out]
     on = " AND ".join(f"t.{k} = e.{k}" for k in o.keys)
-    return (f"UPDATE {o.relation} t SET {column} = e.{column} * {factor} FROM {o.expected} e "
-            f"WHERE {on} AND t.ctid = (SELECT t2.ctid FROM {o.relation} t2 WHERE t2.{column} > 0 "
-            f"ORDER BY {', '.join('t2.' + k for k in o.keys)} LIMIT 1)")
+    return (f"UPDATE {o.relation} AS t SET {column} = e.{column} * {factor} FROM {o.expected} e "
+            f"WHERE {on} AND {_first_row(out, f'{column} > 0', 't.')}")
 
 
 # Deliberate edits of one output row, for --perturb and tests/test_bench_peers.py: each names
@@ -86,14 +94,12 @@ PERTURBATIONS = {
     "daily_p95_half_pct": ("daily", True, _scale_to_expected("daily", "p95_runtime", "1.005")),
     # an hourly percentile 1e-6 off: hourly percentiles are exact
     "hourly_p50_1e-6": ("hourly", False, _scale_to_expected("hourly", "p50_runtime", "1.000001")),
-    "hourly_row_missing": ("hourly", False, "DELETE FROM analytics.execution_metrics_hourly WHERE ctid = "
-                           "(SELECT ctid FROM analytics.execution_metrics_hourly ORDER BY workspace_id, hour LIMIT 1)"),
-    "daily_users_plus_1": ("daily", False, "UPDATE analytics.execution_metrics_daily SET unique_users = unique_users + 1 "
-                           "WHERE ctid = (SELECT ctid FROM analytics.execution_metrics_daily "
-                           "ORDER BY workspace_id, date LIMIT 1)"),
-    "credit_total_plus": ("credit", False, "UPDATE analytics.credit_consumption_hourly SET total_credits = total_credits + 0.0001 "
-                          "WHERE ctid = (SELECT ctid FROM analytics.credit_consumption_hourly "
-                          "ORDER BY workspace_id, user_id, agent_id, hour LIMIT 1)"),
+    "hourly_row_missing": ("hourly", False,
+                           f"DELETE FROM {OUTPUTS['hourly'].relation} WHERE {_first_row('hourly')}"),
+    "daily_users_plus_1": ("daily", False, f"UPDATE {OUTPUTS['daily'].relation} SET unique_users = unique_users + 1 "
+                           f"WHERE {_first_row('daily')}"),
+    "credit_total_plus": ("credit", False, f"UPDATE {OUTPUTS['credit'].relation} "
+                          f"SET total_credits = total_credits + 0.0001 WHERE {_first_row('credit')}"),
 }
 
 
