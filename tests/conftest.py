@@ -21,6 +21,10 @@ from hypothesis import settings
 from support import throwaway_db
 from tally import migrate
 
+# Most tests use fixed dates, months in the past: sealing history (TALLY_SEAL_AFTER_DAYS, 30 by
+# default) would freeze them. The lifecycle tests set it themselves; subprocesses inherit this.
+os.environ.setdefault("TALLY_SEAL_AFTER_DAYS", "36500")
+
 # Property tests run the same examples on every run (CI included); TALLY_HYPOTHESIS=random
 # searches afresh (with the example database) for a longer hunt.
 settings.register_profile("ci", derandomize=True, database=None)

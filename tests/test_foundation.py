@@ -33,7 +33,8 @@ def test_upgrade_twice_downgrade_to_base_and_up_again(empty_db, capsys):
     assert TABLES | {"execution_logs"} <= tables(empty_db)
     assert cli("db", "upgrade") == 0  # again, on a migrated database
     assert f"schema at revision {migrate.head()}" in capsys.readouterr().out
-    assert migrate.current(empty_db) == migrate.head() == "0006"
+    newest = max(p.name[:4] for p in (migrate.MIGRATIONS / "versions").glob("0*.py"))
+    assert migrate.current(empty_db) == migrate.head() == newest
     assert cli("db", "downgrade", "--yes") == 0
     left = tables(empty_db)
     assert not (TABLES - {"user_activity"}) & left

@@ -154,7 +154,8 @@ def test_period_preparation_reads_states_by_index_and_probes_each_unknown_hour_o
         conn.execute("SET TIME ZONE 'UTC'")
         states = conn.execute(sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) ") + sql.SQL(query("state_of_ranges")),  # type: ignore[arg-type]
                               dict(rollup="monthly", steps=["monthly_metrics"], inputs=list(PERIOD_INPUTS),
-                                   los=[month.start], his=[month.end])).fetchone()[0][0]["Plan"]
+                                   los=[month.start], his=[month.end], seal_after=dt.timedelta(days=30))
+                              ).fetchone()[0][0]["Plan"]
         for table in ("bucket_state",):  # (the dirty log is small by design: marks are cleared once read)
             scans = [n for n in nodes(states) if n.get("Relation Name") == table]
             assert scans and all(n["Node Type"] in ("Index Scan", "Index Only Scan", "Bitmap Heap Scan") for n in scans), (table, scans)

@@ -53,6 +53,7 @@ SEALED = Facts("sealed", 1, 1, 0, at(10), at(11), 5, sealed_at=at(60))
 BEFORE = Marks(1, False, at(5))  # claimed before the latest success began: read
 DURING = Marks(1, False, at(10) + dt.timedelta(seconds=30))  # claimed after it began: not read
 AFTER = Marks(1, True, None)  # unclaimed: nobody has read it
+IGNORED = Marks(0, False, None, 1)  # made after the hour could be sealed
 ALSO_AFTER = Marks(2, True, at(5))  # one read, one new
 
 HOURLY = ("execution_metrics", "user_activity", "credit_consumption")
@@ -60,16 +61,19 @@ SOURCE = {"execution_metrics": "execution_logs", "user_activity": "user_activity
           "credit_consumption": "execution_logs"}
 
 
-def hour_state(facts: Facts | None, marks: Marks | None, *, source: str = "execution_logs") -> S.BucketState:
-    """An hour whose three steps have ``facts``, with ``marks`` on ``source`` (none on the other)."""
-    return S.BucketState(HOUR, {s: S.hour_step_state(facts, marks if SOURCE[s] == source else None)
+def hour_state(facts: Facts | None, marks: Marks | None, *, source: str = "execution_logs",
+               old: bool = False) -> S.BucketState:
+    """An hour whose three steps have ``facts``, with ``marks`` on ``source`` (none on the other);
+    ``old``: it ended long enough ago to be sealed."""
+    return S.BucketState(HOUR, {s: S.hour_step_state(facts, marks if SOURCE[s] == source else None, old)
                                 for s in HOURLY})
 
 
-def day_state(facts: Facts | None, inputs: list[tuple[Facts | None, Marks | None]]) -> S.BucketState:
+def day_state(facts: Facts | None, inputs: list[tuple[Facts | None, Marks | None]], old: bool = False
+              ) -> S.BucketState:
     """A day whose step has ``facts``, and hour 10 of it with (facts, marks) per input step."""
     rows = [(HOUR.start, f, m) for f, m in inputs]
-    return S.BucketState(DAY, {"daily_metrics": S.period_step_state(facts, rows)})
+    return S.BucketState(DAY, {"daily_metrics": S.period_step_state(facts, rows, old, lambda h: old)})
 
 
 EM_CC = ["execution_metrics", "credit_consumption"]
@@ -103,6 +107,14 @@ ROWS = [
      [], [], None, None),
     ("its process died (reaped)", hour_state(DEAD, None), ["failed"] * 3, ALL, ALL, ("failed", ALL), None),
     ("sealed", hour_state(SEALED, None), ["sealed"] * 3, [], [], None, None),
+    ("ok and ended long ago: sealed, before the seal is stored", hour_state(OK, None, old=True), ["sealed"] * 3,
+     [], [], None, None),
+    ("ended long ago; a change after it could be sealed: ignored", hour_state(OK, IGNORED, old=True),
+     ["sealed"] * 3, [], [], None, None),
+    ("ended long ago; a change before it could be sealed, never read: dirty, not sealed",
+     hour_state(OK, AFTER, old=True), ["dirty", "sealed", "dirty"], EM_CC, [], ("dirty", EM_CC), ("dirty", EM_CC)),
+    ("ended long ago and failed: failed, never sealed", hour_state(FAILED, None, old=True), ["failed"] * 3, ALL, ALL,
+     ("failed", ALL), None),
     ("sealed, a change after it: ignored", hour_state(SEALED, AFTER), ["sealed"] * 3, [], [], None, None),
     # a day, from hour 10's two input steps
     ("day never run", day_state(None, [(OK, None), (OK, None)]), ["missing"], ["daily_metrics"], [],
@@ -133,6 +145,8 @@ ROWS = [
      None, None),
     ("day sealed", day_state(Facts("sealed", 9, 1, 0, at(5), at(6)), [(OK, AFTER)] * 2), ["sealed"], [], [],
      None, None),
+    ("day ended long ago; its hour aggregated again after it (on purpose): the day stays sealed",
+     day_state(Facts("ok", 9, 1, 0, at(5), at(6)), [(OK, None)] * 2, old=True), ["sealed"], [], [], None, None),
 ]
 
 
@@ -265,7 +279,8 @@ def build(name: str, conn) -> None:
     raise AssertionError(f"no real construction for {name!r}")
 
 
-REAL = [r for r in ROWS if r[1].bucket == HOUR and not r[0].startswith(("sealed", "failed, never"))]
+REAL = [r for r in ROWS if r[1].bucket == HOUR  # (sealing for real: tests/test_lifecycle.py)
+        and not r[0].startswith(("sealed", "failed, never", "ok and ended", "ended long ago"))]
 
 
 @pytest.mark.parametrize("row", REAL, ids=[r[0] for r in REAL])

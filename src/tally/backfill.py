@@ -37,10 +37,11 @@ def plan(start: dt.datetime, end: dt.datetime, rollups: list[str]) -> list[Bucke
     return sorted(found, key=lambda b: (b.end, _RANK[b.rollup], b.start))
 
 
-def pending_steps(conn: psycopg.Connection, bucket: Bucket, force: bool = False) -> list[str]:
-    """The steps of ``bucket`` a backfill runs: those that need work, or all if forced."""
+def pending_steps(conn: psycopg.Connection, bucket: Bucket, force: bool = False, unseal: bool = False) -> list[str]:
+    """The steps of ``bucket`` a backfill runs: those that need work, or all if forced (sealed
+    ones only when unsealing)."""
     bs = S.of(conn, bucket)
-    return P.forced(bs) if force else P.work(bs)
+    return P.forced(bs, unseal) if force else P.work(bs)
 
 
 def _done_since(bs: S.BucketState, since: dt.datetime) -> bool:
@@ -67,6 +68,7 @@ class Report:
     current: str = ""
     queued: int = 0  # tasks sent (queue mode)
     left_open: list[str] = field(default_factory=list)  # buckets of the range that have not ended
+    sealed: int = 0  # buckets left because they are sealed (a forced backfill without --unseal)
     resumed: str | None = None  # a forced backfill resumed: when the interrupted one began (ISO)
 
     @property
@@ -84,7 +86,7 @@ class Report:
         return dict(total=self.total, done=self.done, ran=self.ran, skipped=self.skipped, steps=self.steps,
                     failed=[dict(bucket=b, step=s, error=e) for b, s, e in self.failed], rows=self.rows,
                     seconds=round(self.seconds, 3), stopped=self.stopped, queued=self.queued,
-                    left_open=self.left_open, resumed=self.resumed)
+                    left_open=self.left_open, resumed=self.resumed, sealed=self.sealed)
 
 
 class Backfill:
@@ -99,12 +101,13 @@ class Backfill:
     """
 
     def __init__(self, url: str, start: dt.datetime, end: dt.datetime, rollups: list[str], *, force: bool = False,
-                 allow_open: bool = False, now: dt.datetime | None = None,
+                 allow_open: bool = False, unseal: bool = False, now: dt.datetime | None = None,
                  on_update: Callable[[Report], None] | None = None):
         self.url = url
         self.start, self.end = start, end
         self.rollups = rollups
         self.force = force
+        self.unseal = unseal
         self.now = now or dt.datetime.now(B.UTC)
         self.allow_open = allow_open
         self.on_update = on_update or (lambda report: None)
@@ -114,7 +117,8 @@ class Backfill:
     @property
     def command(self) -> str:
         """What makes two backfills the identical command."""
-        return f"--from {self.start.isoformat()} --to {self.end.isoformat()} --rollups {','.join(self.rollups)} --force"
+        return (f"--from {self.start.isoformat()} --to {self.end.isoformat()} --rollups {','.join(self.rollups)} "
+                f"--force{' --unseal' if self.unseal else ''}")
 
     def stop(self, why: str = "SIGINT") -> None:
         """Stop before the next step (the one running now finishes and commits)."""
@@ -134,6 +138,10 @@ class Backfill:
         self.report.total = len(work)
         return work
 
+    def _check_unseal(self, conn: psycopg.Connection) -> None:
+        if self.unseal:
+            P.refuse_purged(conn, self.start, self.end, f"{B.HOUR.label(self.start)} .. {B.HOUR.label(self.end)}")
+
     def _resume(self, conn: psycopg.Connection) -> tuple[int, dt.datetime | None]:
         """(this forced backfill's row, when the interrupted one it resumes began — None if none)."""
         row = conn.execute(query("backfill_unfinished"), dict(command=self.command)).fetchone()
@@ -144,9 +152,13 @@ class Backfill:
 
     def steps_for(self, conn: psycopg.Connection, bucket: Bucket, since: dt.datetime | None) -> list[str]:
         """The steps this backfill runs for ``bucket`` (none: it is done)."""
-        if self.force and since is not None and _done_since(S.of(conn, bucket), since):
+        bs = S.of(conn, bucket)
+        if self.force and since is not None and _done_since(bs, since):
             return []  # forced already, by the run this one resumes
-        return pending_steps(conn, bucket, self.force)
+        steps = P.forced(bs, self.unseal) if self.force else P.work(bs)
+        if self.force and not steps and bs.where(S.State.SEALED):
+            self.report.sealed += 1
+        return steps
 
     # -- in this process -------------------------------------------------------------------
     def run(self) -> Report:
@@ -155,6 +167,7 @@ class Backfill:
         with connect(self.url, autocommit=True) as conn, \
                 Runner(self.url, trigger="backfill", on_step=self._on_step, should_stop=lambda: self._stop) as runner:
             S.reap(conn)
+            self._check_unseal(conn)
             run_id, since = self._resume(conn) if self.force else (None, None)
             for bucket in work:
                 if self._stop:
@@ -187,6 +200,7 @@ class Backfill:
         planned: list[P.Planned] = []
         hours_run: set[dt.datetime] = set()
         with connect(self.url, autocommit=True) as conn:
+            self._check_unseal(conn)
             since = None
             if self.force:
                 row = conn.execute(query("backfill_unfinished"), dict(command=self.command)).fetchone()
@@ -198,8 +212,9 @@ class Backfill:
                     planned.append(P.planned(bs, steps, "forced" if self.force else None))
                     if bucket.grain.parts is None:
                         hours_run.add(bucket.start)
-                elif bucket.grain.parts is not None and any(bucket.start <= h < bucket.end for h in hours_run):
-                    planned.append(P.Planned(bucket, tuple(P.forced(bs)), "changed",
+                elif bucket.grain.parts is not None and any(bucket.start <= h < bucket.end for h in hours_run) \
+                        and P.forced(bs, self.unseal):
+                    planned.append(P.Planned(bucket, tuple(P.forced(bs, self.unseal)), "changed",
                                              "its hours run first in this backfill"))
         return planned
 
@@ -219,6 +234,7 @@ class Backfill:
         work = self.buckets()
         with connect(self.url, autocommit=True) as conn:
             S.reap(conn)
+            self._check_unseal(conn)
             run_id, since = self._resume(conn) if self.force else (None, None)
             for rollups in phases:
                 if not rollups or self._stop:
@@ -236,7 +252,8 @@ class Backfill:
                 sent = {}
                 for bucket in sorted(wanted, key=lambda b: (b.end, _RANK[b.rollup])):
                     sent[bucket] = app.send_task("tally.backfill_bucket", args=[bucket.rollup, bucket.label],
-                                                 kwargs={"force": self.force})
+                                                 kwargs={"force": self.force, "unseal": self.unseal,
+                                                         "allow_open": self.allow_open})
                     self.report.queued += 1
                 self.on_update(self.report)
                 self._wait(conn, rollups, wanted, sent, marker, poll)

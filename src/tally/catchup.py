@@ -117,6 +117,10 @@ def catch_up(url: str | None = None, *, trigger: str = "catch-up", now: dt.datet
         reaped = S.reap(conn) if not dry_run else 0
         if reaped:
             log.warning("catch-up: %d abandoned attempt(s) marked failed", reaped)
+        if not dry_run:  # history that may no longer change is stored as sealed, before anything is planned
+            sealed = S.seal(conn, now)
+            if sealed:
+                log.info("catch-up: sealed %s", ", ".join(f"{n} {r}" for r, n in sealed.items()))
         for rollup in B.ROLLUPS:
             if B.grain(rollup).parts is None:
                 planned = P.catch_up_hours(conn, window)

@@ -150,6 +150,7 @@ def db_stop() -> None:
 @db_app.command("roles")
 def db_roles(worker: str = typer.Option("tally_worker", help="Role the workers and CLI run as (created NOLOGIN if absent)."),
              dashboard: str = typer.Option("tally_dashboard", help="Read-only role for dashboards (created NOLOGIN if absent)."),
+             retention: Optional[str] = typer.Option(None, help="Also a role for `tally retention`: the worker's rights and deleting purged rows (created NOLOGIN if absent)."),
              dry_run: bool = typer.Option(False, "--dry-run", help="Print the SQL; connect to nothing, change nothing.")) -> None:
     """Least-privilege roles: a worker (reads the source, writes only tally's analytics tables) and a read-only dashboard.
 
@@ -158,7 +159,7 @@ def db_roles(worker: str = typer.Option("tally_worker", help="Role the workers a
     """
     from . import roles
 
-    plan = roles.plan(worker, dashboard)  # bad names are invalid input, before any connection
+    plan = roles.plan(worker, dashboard, retention)  # bad names are invalid input, before any connection
     if dry_run:
         sys.stdout.write(roles.render(plan) + "\n")
         return
@@ -229,15 +230,17 @@ def print_rollup(result, as_json: bool = False) -> None:
 
 
 def _run(rollup: str, when: Optional[str], steps: Optional[List[str]], atomic: bool, as_json: bool,
-         allow_open: bool) -> None:
+         allow_open: bool, unseal: bool) -> None:
+    from . import plan as P
     from .rollups import Runner
     from .steps import steps_of
 
     bucket = B.parse_bucket(rollup, when)
-    steps_of(rollup, steps)  # unknown step names are rejected before anything is written
+    chosen = [s.name for s in steps_of(rollup, steps)]  # unknown step names are rejected before anything is written
     refuse_open(bucket, allow_open, "--allow-open")
     url = say_database()
     with Runner(url, trigger="manual") as runner:
+        P.check_sealed(runner.ledger.conn, bucket, chosen, unseal)
         result = runner.run(bucket, steps, atomic=atomic)
     print_rollup(result, as_json)
     if not result.ok:
@@ -254,6 +257,7 @@ def refuse_open(bucket: B.Bucket, allow_open: bool, how: str) -> None:
 _STEP_HELP = "Run only this step (repeatable)."
 _ATOMIC_HELP = "All steps in one transaction: all or nothing."
 _OPEN_HELP = "Aggregate the bucket even if it has not ended yet (its numbers are then partial)."
+_UNSEAL_HELP = "Re-aggregate a sealed bucket (final history) on purpose; refused if retention purged its rows."
 
 
 @run_app.command("hourly")
@@ -261,9 +265,10 @@ def run_hourly(hour: Optional[str] = typer.Option(None, help="The hour, ISO 8601
                step: Optional[List[str]] = typer.Option(None, help=_STEP_HELP),
                atomic: bool = typer.Option(False, help=_ATOMIC_HELP),
                as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-               allow_open: bool = typer.Option(False, "--allow-open", help=_OPEN_HELP)) -> None:
+               allow_open: bool = typer.Option(False, "--allow-open", help=_OPEN_HELP),
+               unseal: bool = typer.Option(False, "--unseal", help=_UNSEAL_HELP)) -> None:
     """execution_metrics, user_activity, credit_consumption for one hour."""
-    _run("hourly", hour, step, atomic, as_json, allow_open)
+    _run("hourly", hour, step, atomic, as_json, allow_open, unseal)
 
 
 @run_app.command("daily")
@@ -271,9 +276,10 @@ def run_daily(date: Optional[str] = typer.Option(None, help="The UTC day, YYYY-M
               step: Optional[List[str]] = typer.Option(None, help=_STEP_HELP),
               atomic: bool = typer.Option(False, help=_ATOMIC_HELP),
               as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-              allow_open: bool = typer.Option(False, "--allow-open", help=_OPEN_HELP)) -> None:
+              allow_open: bool = typer.Option(False, "--allow-open", help=_OPEN_HELP),
+              unseal: bool = typer.Option(False, "--unseal", help=_UNSEAL_HELP)) -> None:
     """daily_metrics for one day (its missing, failed or dirty hours are aggregated first)."""
-    _run("daily", date, step, atomic, as_json, allow_open)
+    _run("daily", date, step, atomic, as_json, allow_open, unseal)
 
 
 @run_app.command("weekly")
@@ -281,9 +287,10 @@ def run_weekly(week: Optional[str] = typer.Option(None, help="The ISO week, give
                step: Optional[List[str]] = typer.Option(None, help=_STEP_HELP),
                atomic: bool = typer.Option(False, help=_ATOMIC_HELP),
                as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-               allow_open: bool = typer.Option(False, "--allow-open", help=_OPEN_HELP)) -> None:
+               allow_open: bool = typer.Option(False, "--allow-open", help=_OPEN_HELP),
+               unseal: bool = typer.Option(False, "--unseal", help=_UNSEAL_HELP)) -> None:
     """weekly_metrics for one ISO week (its missing, failed or dirty hours first)."""
-    _run("weekly", week, step, atomic, as_json, allow_open)
+    _run("weekly", week, step, atomic, as_json, allow_open, unseal)
 
 
 @run_app.command("monthly")
@@ -291,9 +298,10 @@ def run_monthly(month: Optional[str] = typer.Option(None, help="The month, YYYY-
                 step: Optional[List[str]] = typer.Option(None, help=_STEP_HELP),
                 atomic: bool = typer.Option(False, help=_ATOMIC_HELP),
                 as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-                allow_open: bool = typer.Option(False, "--allow-open", help=_OPEN_HELP)) -> None:
+                allow_open: bool = typer.Option(False, "--allow-open", help=_OPEN_HELP),
+                unseal: bool = typer.Option(False, "--unseal", help=_UNSEAL_HELP)) -> None:
     """monthly_metrics for one calendar month (its missing, failed or dirty hours first)."""
-    _run("monthly", month, step, atomic, as_json, allow_open)
+    _run("monthly", month, step, atomic, as_json, allow_open, unseal)
 
 
 # ---- catch-up (logic in catchup.py) -------------------------------------------------------
@@ -348,6 +356,8 @@ def backfill(
                                  "step, and why; change nothing."),
     allow_open: bool = typer.Option(False, "--allow-open", help="Also aggregate buckets that have not ended "
                                     "(their numbers are then partial)."),
+    unseal: bool = typer.Option(False, "--unseal", help="With --force: re-aggregate sealed buckets too (final "
+                                "history); refused if retention purged rows of the range."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Every whole bucket of a range, hours before the days that contain them; resumable.
@@ -362,8 +372,10 @@ def backfill(
 
     start, end = _range(from_, to)
     names = B.parse_rollups(rollups)
+    if unseal and not force:
+        raise InvalidInput("--unseal goes with --force: only a forced backfill re-aggregates what is done")
     url = say_database()
-    job = bf.Backfill(url, start, end, names, force=force, allow_open=allow_open)
+    job = bf.Backfill(url, start, end, names, force=force, allow_open=allow_open, unseal=unseal)
     if dry_run:
         planned = job.dry_run()
         if as_json:
@@ -519,6 +531,35 @@ def verify(
         T.render_verify(out, report, limit)
     if not report.clean:
         raise typer.Exit(1)
+
+
+# ---- retention (logic in retention.py) ---------------------------------------------------------
+
+@app.command()
+def retention(dry_run: bool = typer.Option(False, "--dry-run", help="Print exactly what would be deleted; change nothing."),
+              as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
+    """Seal what may be sealed, then delete what sealed history no longer needs.
+
+    TALLY_RAW_RETENTION_DAYS: source rows of sealed hours older than that (whole partitions where
+    a source is partitioned); TALLY_HOURLY_RETENTION_DAYS: hourly output rows whose day, week and
+    month are sealed; TALLY_LEDGER_RETENTION_DAYS (90): ledger history. Daily, weekly and monthly
+    rows are never deleted; an hour that is not sealed keeps its rows. See docs/OPERATIONS.md.
+    """
+    from . import retention as R
+    from . import terminal as T
+    from .db import connection
+
+    url = say_database()
+    stop = T.Stop()
+    with connection(url, autocommit=True) as conn, T.stop_on_signals(stop, err):
+        conn.execute("SET TIME ZONE 'UTC'")
+        report = R.run(conn, dry_run=dry_run, should_stop=stop.requested)
+    if as_json:
+        _emit_json(report.as_dict())
+    else:
+        T.render_retention(out, report)
+    if stop.requested():
+        raise typer.Exit(stop.exit_code)
 
 
 # ---- Celery: worker, beat, flower (logic in tasks.py) --------------------------------------

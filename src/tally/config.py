@@ -65,6 +65,11 @@ def _home() -> Path:
     return Path(platformdirs.user_data_dir("tally"))
 
 
+def _optional_int(name: str, minimum: int) -> int | None:
+    raw = os.environ.get(name)
+    return None if raw is None or raw == "" else _int(name, 0, minimum)
+
+
 def _choice(name: str, default: str, pattern: re.Pattern, what: str) -> str:
     raw = os.environ.get(name) or default
     if not pattern.fullmatch(raw):
@@ -90,6 +95,10 @@ class Settings:
     task_time_limit: float  # soft time limit of a task (s); the hard one is a minute later
     visibility_timeout: float  # Redis hands an unacknowledged task to another worker after this (s)
     broker_prefix: str | None  # prefix of every Redis key of tally's Celery
+    seal_after_days: int  # a bucket ok this long after it ended is sealed: final history
+    raw_retention_days: int | None  # retention deletes source rows of sealed hours older than this (None: never)
+    hourly_retention_days: int | None  # ... and hourly output rows whose day, week and month are sealed
+    ledger_retention_days: int  # ... and ledger history older than this (never a bucket's current state)
 
     def statement_timeout_of(self, step: str) -> float:
         """The statement timeout of ``step`` (its own, else TALLY_STATEMENT_TIMEOUT), 0 = none."""
@@ -115,7 +124,21 @@ class Settings:
             task_time_limit=_float("TALLY_TASK_TIME_LIMIT", 3000.0, minimum=1),
             visibility_timeout=_float("TALLY_VISIBILITY_TIMEOUT", 3600.0, minimum=1),
             broker_prefix=os.environ.get("TALLY_BROKER_PREFIX") or None,
-        )
+            seal_after_days=_int("TALLY_SEAL_AFTER_DAYS", 30, minimum=1),
+            raw_retention_days=_optional_int("TALLY_RAW_RETENTION_DAYS", 1),
+            hourly_retention_days=_optional_int("TALLY_HOURLY_RETENTION_DAYS", 1),
+            ledger_retention_days=_int("TALLY_LEDGER_RETENTION_DAYS", 90, minimum=1),
+        ).checked()
+
+    def checked(self) -> "Settings":
+        """The rules between settings (one line naming them, exit 2)."""
+        if self.seal_after_days < self.catchup_days:
+            raise InvalidInput(f"TALLY_SEAL_AFTER_DAYS={self.seal_after_days} is below TALLY_CATCHUP_DAYS="
+                               f"{self.catchup_days}: catch-up would look for work in sealed history")
+        if self.raw_retention_days is not None and self.raw_retention_days < self.seal_after_days:
+            raise InvalidInput(f"TALLY_RAW_RETENTION_DAYS={self.raw_retention_days} is below TALLY_SEAL_AFTER_DAYS="
+                               f"{self.seal_after_days}: source rows must outlive the hours that may still change")
+        return self
 
 
 def settings() -> Settings:

@@ -21,6 +21,8 @@ import psycopg
 from . import buckets as B
 from . import state as S
 from .buckets import Bucket
+from .errors import InvalidInput
+from .queries import query
 from .state import BucketState, State
 from .steps import PERIOD_INPUTS
 
@@ -54,6 +56,33 @@ def retryable(bs: BucketState) -> list[str]:
 def forced(bs: BucketState, unseal: bool = False) -> list[str]:
     """Every step of a forced backfill (a sealed step only when unsealing)."""
     return [s for s, st in bs.steps.items() if unseal or st.state is not State.SEALED]
+
+
+def purged_under(conn: psycopg.Connection, start: dt.datetime, end: dt.datetime) -> tuple | None:
+    """The first hour in [start, end) whose source or hourly rows retention purged: (source, hour)."""
+    return conn.execute(query("purged_in"), dict(start=start, end=end)).fetchone()
+
+
+def check_sealed(conn: psycopg.Connection, bucket: Bucket, steps: list[str] | tuple[str, ...], unseal: bool) -> None:
+    """An explicit run of ``steps`` of ``bucket``: a sealed one needs ``unseal``, and is refused even
+    then if retention purged what it is built from (re-aggregating would erase its history)."""
+    bs = S.of(conn, bucket)
+    sealed = [s for s in steps if bs[s] is State.SEALED]
+    if not sealed:
+        return
+    if not unseal:
+        raise InvalidInput(f"{bucket} is sealed (final history: it ended more than TALLY_SEAL_AFTER_DAYS ago); "
+                           "add --unseal to re-aggregate it on purpose")
+    refuse_purged(conn, bucket.start, bucket.end, str(bucket))
+
+
+def refuse_purged(conn: psycopg.Connection, start: dt.datetime, end: dt.datetime, what: str) -> None:
+    purged = purged_under(conn, start, end)
+    if purged is not None:
+        source, hour = purged
+        rows = "hourly output" if source == "hourly" else f"{source} source"
+        raise InvalidInput(f"refusing to unseal {what}: retention purged the {rows} rows of "
+                           f"{B.HOUR.label(hour.astimezone(B.UTC))}; aggregating again would erase its history")
 
 
 def reason(bs: BucketState, steps: list[str]) -> str:
@@ -160,22 +189,23 @@ def catch_up_hours(conn: psycopg.Connection, window: Window) -> list[Planned]:
     """The hours a catch-up runs (:func:`catch_up`), oldest first."""
     candidates = {B.HOUR.bucket(h) for h in S.marked_hours(conn)}
     candidates |= set(B.within(B.HOUR.rollup, window.start, window.end))
-    states = S.read(conn, B.HOUR.rollup, candidates)
+    states = S.read(conn, B.HOUR.rollup, candidates, window.now)
     unknown = [bs.bucket.start for bs in states.values()
                if not window.holds(bs.bucket) and set(bs.states.values()) == {State.MISSING}
                and any(st.change for st in bs.steps.values())]
-    late = _under_aggregated_periods(conn, unknown)
+    late = _under_aggregated_periods(conn, unknown, window.now)
     return [p for bs in states.values() if (p := catch_up(bs, window, late=bs.bucket.start in late))]
 
 
-def _under_aggregated_periods(conn: psycopg.Connection, hours: list[dt.datetime]) -> set[dt.datetime]:
+def _under_aggregated_periods(conn: psycopg.Connection, hours: list[dt.datetime], now: dt.datetime
+                              ) -> set[dt.datetime]:
     """Those of ``hours`` that lie in a day, week or month that was aggregated before."""
     found: set[dt.datetime] = set()
     for rollup, grain in B.GRAINS.items():
         if grain.parts is None or not hours:
             continue
         periods = {grain.bucket(h) for h in hours}
-        seen = {b for b, bs in S.read(conn, rollup, periods).items() if not bs.where(State.MISSING)}
+        seen = {b for b, bs in S.read(conn, rollup, periods, now).items() if not bs.where(State.MISSING)}
         found |= {h for h in hours if grain.bucket(h) in seen}
     return found
 
@@ -193,4 +223,5 @@ def catch_up_periods(conn: psycopg.Connection, rollup: str, window: Window, hour
         if window.holds(b):
             candidates.add(b)
         b = grain.bucket(b.end)
-    return [p for bs in S.read(conn, rollup, candidates).values() if (p := catch_up(bs, window, touched=bs.bucket in touched))]
+    return [p for bs in S.read(conn, rollup, candidates, window.now).values()
+            if (p := catch_up(bs, window, touched=bs.bucket in touched))]

@@ -46,29 +46,44 @@ def check_name(name: str, what: str) -> str:
 
 @dataclass
 class RolesPlan:
-    """One worker and one dashboard role: which named grants apply to which role."""
+    """A worker and a dashboard role, and optionally a retention role: which named grants apply
+    to which role."""
 
     worker: str
     dashboard: str
+    retention: str | None = None
+
+    @property
+    def roles(self) -> list[tuple[str, str]]:
+        """(role, what it is) in order."""
+        return [(self.worker, "worker"), (self.dashboard, "dashboard")] + (
+            [(self.retention, "retention")] if self.retention else [])
 
     @property
     def grants(self) -> list[tuple[str, str]]:
         """(role, query name) in order."""
-        return [(self.worker, "roles_worker"), (self.dashboard, "roles_dashboard")]
+        return [(self.worker, "roles_worker"), (self.dashboard, "roles_dashboard")] + (
+            [(self.retention, "roles_retention")] if self.retention else [])
 
 
-def plan(worker: str = DEFAULT_WORKER, dashboard: str = DEFAULT_DASHBOARD) -> RolesPlan:
+def plan(worker: str = DEFAULT_WORKER, dashboard: str = DEFAULT_DASHBOARD, retention: str | None = None) -> RolesPlan:
     """Check the names (no database needed)."""
     check_name(worker, "--worker")
     check_name(dashboard, "--dashboard")
-    if worker == dashboard:
-        raise InvalidInput(f"--worker and --dashboard must differ (both {worker!r})")
-    return RolesPlan(worker, dashboard)
+    if retention is not None:
+        check_name(retention, "--retention")
+    names = [n for n in (worker, dashboard, retention) if n is not None]
+    if len(set(names)) != len(names):
+        raise InvalidInput(f"--worker, --dashboard and --retention must differ ({', '.join(names)})")
+    return RolesPlan(worker, dashboard, retention)
 
 
-def _for(role: str, name: str) -> sql.Composed:
-    """A named statement of sql/roles.sql with {role} quoted as an identifier."""
-    return sql.SQL(query(name)).format(role=sql.Identifier(role))  # type: ignore[arg-type]
+def _for(role: str, name: str, worker: str | None = None) -> sql.Composed:
+    """A named statement of sql/roles.sql with {role} (and {worker}) quoted as identifiers."""
+    ids = {"role": sql.Identifier(role)}
+    if "{worker}" in query(name):
+        ids["worker"] = sql.Identifier(worker or DEFAULT_WORKER)
+    return sql.SQL(query(name)).format(**ids)  # type: ignore[arg-type]
 
 
 def _temporary(role: str, database: sql.Composable) -> sql.Composed:
@@ -78,8 +93,8 @@ def _temporary(role: str, database: sql.Composable) -> sql.Composed:
 
 def render(p: RolesPlan) -> str:
     """The SQL of a plan, as a DBA would review it."""
-    parts = [f"-- if absent:\n{_for(role, 'roles_create').as_string(None)}" for role in (p.worker, p.dashboard)]
-    parts += [_for(role, name).as_string(None) for role, name in p.grants]
+    parts = [f"-- if absent:\n{_for(role, 'roles_create').as_string(None)}" for role, _ in p.roles]
+    parts += [_for(role, name, p.worker).as_string(None) for role, name in p.grants]
     parts.append(_temporary(p.worker, sql.SQL("<the database tally uses>")).as_string(None))  # type: ignore[arg-type]
     parts.append(query("roles_source_writers"))
     return "\n\n".join(parts)
@@ -90,14 +105,14 @@ def apply(url: str, p: RolesPlan) -> list[str]:
     done: list[str] = []
     with connect(url) as conn:
         with conn.transaction():
-            for role, what in ((p.worker, "worker"), (p.dashboard, "dashboard")):
+            for role, what in p.roles:
                 if conn.execute(query("roles_exists"), dict(name=role)).fetchone()[0]:
                     done.append(f"{what} role {role}: exists, privileges on tally's objects reset")
                 else:
                     conn.execute(_for(role, "roles_create"))
                     done.append(f"{what} role {role}: created (NOLOGIN; log in as a member of it)")
             for role, name in p.grants:
-                conn.execute(_for(role, name))
+                conn.execute(_for(role, name, p.worker))
             conn.execute(_temporary(p.worker, sql.Identifier(conn.info.dbname)))
             conn.execute(query("roles_source_writers"))
     done.append(f"{p.worker}: reads public.execution_logs, analytics.user_activity; writes the output tables, "
@@ -107,5 +122,8 @@ def apply(url: str, p: RolesPlan) -> list[str]:
     done.append(f"{p.dashboard}: reads the output tables, analytics.aggregation_runs, analytics.bucket_state and "
                 "analytics.dirty_log; "
                 "writes nothing")
+    if p.retention:
+        done.append(f"{p.retention}: what {p.worker} may, and deletes source rows, hourly output rows and old ledger "
+                    "rows, recording them in analytics.purged (to drop partitions it must own the source tables)")
     done.append("analytics.tally_mark_dirty(): SECURITY DEFINER, so source writers need no rights on analytics")
     return done

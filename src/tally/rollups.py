@@ -333,10 +333,15 @@ class Runner:
 # ---- the Python API (SPEC): plain synchronous functions ---------------------------------
 
 def run_rollup(rollup: str, when, *, steps=None, atomic: bool = False, trigger: str = "manual",
-               only_unfinished: bool = False, url: str | None = None, task_id: str | None = None) -> RollupResult:
-    """Run one rollup for the bucket starting at ``when`` (datetime, date or ISO text)."""
+               only_unfinished: bool = False, unseal: bool = False, url: str | None = None,
+               task_id: str | None = None) -> RollupResult:
+    """Run one rollup for the bucket starting at ``when`` (datetime, date or ISO text).
+
+    A sealed bucket (final history) is refused (InvalidInput) unless ``unseal``, and even then
+    if retention purged what it is built from."""
     bucket = B.as_bucket(rollup, when)
     with Runner(url, trigger=trigger, task_id=task_id) as runner:
+        P.check_sealed(runner.ledger.conn, bucket, [s.name for s in steps_of(rollup, steps)], unseal)
         return runner.run(bucket, steps, atomic=atomic, only_unfinished=only_unfinished)
 
 

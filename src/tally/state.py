@@ -10,11 +10,15 @@ Every (rollup, step, bucket) is in one state (SPEC, "State of a bucket"):
              source table that the success did not read; for a day, week or month, one of
              its hours' inputs changed in the source, or was aggregated again after the
              period's latest success began;
-``sealed``   final history (the data lifecycle): nothing re-aggregates it on its own.
+``sealed``   final history (the data lifecycle): it ended more than ``TALLY_SEAL_AFTER_DAYS``
+             ago and is ok; nothing re-aggregates it on its own, and a change to its source
+             rows after that is ignored (counted, never making it dirty).
 
 ``running``, ``ok``, ``failed`` and ``sealed`` are stored; ``dirty`` and ``missing`` are
 derived when the state is read, by :func:`hour_step_state` and :func:`period_step_state`,
-from the stored row and the change marks of analytics.dirty_log.
+from the stored row and the change marks of analytics.dirty_log — and so is ``sealed`` for
+a bucket that could be sealed and was not stored so yet (:func:`seal` stores it, so that a
+later change of the setting never unseals history).
 
 What moves a bucket between states (each stored transition writes the ledger row that
 causes it in the same statement, or in the same transaction):
@@ -36,7 +40,12 @@ a source row changes    ok -> dirty                   derived: a mark not read (
 the mark is read        dirty -> ok                   :func:`clear_marks` deletes it
 an hour is aggregated   period ok -> dirty            derived: the hour's success ended after
 again                                                 the period's began
-time                    ok -> sealed                  (data lifecycle)
+time                    ok -> sealed                  derived: no change it did not read came
+                                                      before it ended + TALLY_SEAL_AFTER_DAYS;
+                                                      :func:`seal` stores it
+a change to a sealed    no move                       counted (:func:`sweep_ignored`)
+bucket's rows
+``--unseal``            sealed -> running             :func:`begin` (an attempt on purpose)
 ======================  ============================  =====================================
 
 A change is *read* by a success that began after the change's mark was claimed
@@ -53,12 +62,13 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import psycopg
 
 from . import buckets as B
 from .buckets import Bucket
+from .config import settings
 from .queries import query
 from .steps import PERIOD_INPUTS, ROLLUP_STEPS, STEPS
 
@@ -101,11 +111,13 @@ class Facts:
 
 @dataclass(frozen=True)
 class Marks:
-    """The change marks of one hour and one source table."""
+    """The change marks of one hour and one source table (those made before the hour could
+    be sealed; the later ones are only counted, as ``ignored``)."""
 
     count: int
     unclaimed: bool  # one of them is not claimed yet: no run has started reading it
     last_claimed: dt.datetime | None  # the latest claim
+    ignored: int = 0  # marks made after the hour could be sealed: changes ignored
 
 
 # ---- the rules ------------------------------------------------------------------------------
@@ -158,8 +170,9 @@ class StepState:
         return "up to date"
 
 
-def hour_step_state(facts: Facts | None, marks: Marks | None) -> StepState:
-    """The state of one step of one hour, from its stored row and its source's marks."""
+def hour_step_state(facts: Facts | None, marks: Marks | None, sealable: bool = False) -> StepState:
+    """The state of one step of one hour, from its stored row and its source's marks;
+    ``sealable``: the hour ended long enough ago to be sealed."""
     changed = "source" if unread(marks, facts.ok_started_at if facts else None) else None
     if facts is None:
         return StepState(State.MISSING, None, changed)
@@ -168,13 +181,17 @@ def hour_step_state(facts: Facts | None, marks: Marks | None) -> StepState:
         return StepState(State.SEALED, facts)
     if stored is not None:
         return StepState(stored, facts, changed)
-    return StepState(State.DIRTY if changed else State.OK, facts, changed)
+    if changed:
+        return StepState(State.DIRTY, facts, changed)
+    return StepState(State.SEALED if sealable else State.OK, facts)
 
 
-def period_step_state(facts: Facts | None, inputs: Iterable[tuple[dt.datetime, Facts | None, Marks | None]]
+def period_step_state(facts: Facts | None, inputs: Iterable[tuple[dt.datetime, Facts | None, Marks | None]],
+                      sealable: bool = False, hour_sealable: Callable[[dt.datetime], bool] = lambda h: False
                       ) -> StepState:
     """The state of a day's, week's or month's step, from its stored row and, for each of its
-    hours and each hourly step it reads, that step's stored row and its source's marks."""
+    hours and each hourly step it reads, that step's stored row and its source's marks;
+    ``sealable``: the period ended long enough ago to be sealed (``hour_sealable``: an hour)."""
     if facts is None:
         return StepState(State.MISSING)
     stored = _stored_state(facts)
@@ -182,8 +199,9 @@ def period_step_state(facts: Facts | None, inputs: Iterable[tuple[dt.datetime, F
         return StepState(State.SEALED, facts)
     change, where = None, None
     for hour, f, m in inputs:
-        if f is not None and f.stored == "sealed":
-            continue  # final: its changes are ignored, and so they are for the period
+        if f is not None and (f.stored == "sealed" or (f.stored == "ok" and hour_sealable(hour)
+                                                        and not unread(m, f.ok_started_at))):
+            continue  # final (or as good as): its changes are ignored, and so they are for the period
         if unread(m, f.ok_started_at if f else None):
             change, where = "source", hour
             break
@@ -193,7 +211,9 @@ def period_step_state(facts: Facts | None, inputs: Iterable[tuple[dt.datetime, F
             break
     if stored is not None:
         return StepState(stored, facts, change, where)
-    return StepState(State.DIRTY if change else State.OK, facts, change, where)
+    if change:
+        return StepState(State.DIRTY, facts, change, where)
+    return StepState(State.SEALED if sealable else State.OK, facts)
 
 
 @dataclass
@@ -202,6 +222,7 @@ class BucketState:
 
     bucket: Bucket
     steps: dict[str, StepState]
+    ignored: int = 0  # changes to its source ignored because it is sealed (or could be), not yet counted
 
     def __getitem__(self, step: str) -> State:
         return self.steps[step].state
@@ -241,8 +262,14 @@ def _facts(row) -> Facts:
                  transient, changed_at, sealed_at, ignored or 0)
 
 
-def read(conn: psycopg.Connection, rollup: str, buckets: Iterable[Bucket]) -> dict[Bucket, BucketState]:
-    """The state of every step of ``buckets`` (all of ``rollup``), in one query, in order."""
+def seal_after() -> dt.timedelta:
+    return dt.timedelta(days=settings().seal_after_days)
+
+
+def read(conn: psycopg.Connection, rollup: str, buckets: Iterable[Bucket], now: dt.datetime | None = None
+         ) -> dict[Bucket, BucketState]:
+    """The state of every step of ``buckets`` (all of ``rollup``), in one query, in order, as of
+    ``now`` (default: the current time; it decides which buckets could be sealed)."""
     wanted = sorted(set(buckets))
     if not wanted:
         return {}
@@ -250,20 +277,23 @@ def read(conn: psycopg.Connection, rollup: str, buckets: Iterable[Bucket]) -> di
     steps = list(ROLLUP_STEPS[rollup])
     inputs = list(PERIOD_INPUTS) if grain.parts is not None else []
     los, his = _ranges(wanted)
+    horizon = seal_after()
+    cutoff = (now or dt.datetime.now(B.UTC)) - horizon  # a bucket ended by then could be sealed
     facts: dict[tuple[str, str, dt.datetime], Facts] = {}
     marks: dict[tuple[dt.datetime, str], Marks] = {}
     for row in conn.execute(query("state_of_ranges"), dict(rollup=rollup, steps=steps, inputs=inputs,
-                                                           los=los, his=his)):
+                                                           los=los, his=his, seal_after=horizon)):
         if row[0] == "state":
             facts[(row[1], row[2], row[3])] = _facts(row)
         else:
-            marks[(row[3], row[2])] = Marks(row[17], row[18], row[19])
+            marks[(row[3], row[2])] = Marks(row[17], row[18], row[19], row[16])
     result: dict[Bucket, BucketState] = {}
     if grain.parts is None:
         for b in wanted:
             result[b] = BucketState(b, {s: hour_step_state(facts.get((rollup, s, b.start)),
-                                                           marks.get((b.start, STEPS[s].source)))
-                                        for s in steps})
+                                                           marks.get((b.start, STEPS[s].source)),
+                                                           b.end <= cutoff)
+                                        for s in steps}, ignored=_ignored(marks, b.start))
         return result
     # a period: only the hours with a stored input or a mark can have changed under it
     hours = sorted({k[2] for k in facts if k[0] == B.HOUR.rollup} | {h for h, _ in marks})
@@ -271,8 +301,14 @@ def read(conn: psycopg.Connection, rollup: str, buckets: Iterable[Bucket]) -> di
         inside = hours[bisect.bisect_left(hours, b.start):bisect.bisect_left(hours, b.end)]
         inputs_of = [(h, facts.get((B.HOUR.rollup, s, h)), marks.get((h, STEPS[s].source)))
                      for h in inside for s in inputs]
-        result[b] = BucketState(b, {s: period_step_state(facts.get((rollup, s, b.start)), inputs_of) for s in steps})
+        result[b] = BucketState(b, {s: period_step_state(facts.get((rollup, s, b.start)), inputs_of, b.end <= cutoff,
+                                                         lambda h: h + dt.timedelta(hours=1) <= cutoff)
+                                    for s in steps})
     return result
+
+
+def _ignored(marks: dict[tuple[dt.datetime, str], Marks], hour: dt.datetime) -> int:
+    return sum(m.ignored for (h, _), m in marks.items() if h == hour)
 
 
 def read_range(conn: psycopg.Connection, rollup: str, start: dt.datetime, end: dt.datetime
@@ -407,3 +443,34 @@ def clear_marks(conn: psycopg.Connection, hours: list[dt.datetime]) -> None:
             read_ids.append(mark_id)
     if read_ids:
         conn.execute(query("marks_delete"), dict(ids=read_ids))
+
+
+def seal(conn: psycopg.Connection, now: dt.datetime | None = None) -> dict[str, int]:
+    """Store the seal of every bucket that could be sealed (every step of it sealed when read),
+    and count and drop the marks of sealed hours (:func:`sweep_ignored`); returns buckets
+    sealed per rollup. Stored, a seal survives a later change of TALLY_SEAL_AFTER_DAYS."""
+    now = now or dt.datetime.now(B.UTC)
+    sealed: dict[str, int] = {}
+    for rollup in B.ROLLUPS:
+        candidates = [Bucket(rollup, a.astimezone(B.UTC), b.astimezone(B.UTC)) for a, b in conn.execute(
+            query("seal_candidates"), dict(rollup=rollup, now=now, seal_after=seal_after()))]
+        starts = [b.start for b, bs in read(conn, rollup, candidates, now).items()
+                  if all(st.state is State.SEALED for st in bs.steps.values())]
+        if starts:
+            sealed[rollup] = conn.execute(query("seal"), dict(rollup=rollup, starts=starts, now=now)).rowcount
+    sweep_ignored(conn)
+    return sealed
+
+
+def sweep_ignored(conn: psycopg.Connection) -> None:
+    """Count the marks of sealed hours as ignored changes (on the first step reading each
+    source) and delete them, so the dirty log holds only what may still be read."""
+    readers = {}
+    for step in ROLLUP_STEPS[B.HOUR.rollup]:
+        readers.setdefault(STEPS[step].source, step)
+    conn.execute(query("sweep_ignored"), dict(sources=list(readers), steps=list(readers.values())))
+
+
+def ignored_total(conn: psycopg.Connection) -> int:
+    """Changes ignored for sealed buckets, all told (counted, and marks not swept yet)."""
+    return conn.execute(query("ignored_total"), dict(seal_after=seal_after())).fetchone()[0]

@@ -25,6 +25,7 @@ class Grid:
     ranges: dict[str, Range]  # rollup -> [start, end)
     now: dt.datetime
     states: dict[str, dict]  # rollup -> {Bucket: BucketState}, in order
+    ignored: int = 0  # changes to sealed history ignored, all told
 
     @property
     def start(self) -> dt.datetime:
@@ -54,6 +55,7 @@ class Grid:
                 for rows in self.states.values() for b, bs in rows.items()
             ],
             "summary": {s.value: summary[s.value] for s in State},
+            "changes_ignored_for_sealed": self.ignored,
         }
 
 
@@ -76,5 +78,6 @@ def default_ranges(rollups: list[str], now: dt.datetime, days: int) -> dict[str,
 def grid(conn: psycopg.Connection, ranges: dict[str, Range], now: dt.datetime | None = None) -> Grid:
     """Reap dead runs, then the state of every step of every whole bucket of each rollup's range."""
     S.reap(conn)
-    return Grid(ranges, now or dt.datetime.now(B.UTC),
-                {r: S.read_range(conn, r, start, end) for r, (start, end) in ranges.items()})
+    now = now or dt.datetime.now(B.UTC)
+    return Grid(ranges, now, {r: S.read(conn, r, B.within(r, start, end), now) for r, (start, end) in ranges.items()},
+                S.ignored_total(conn))

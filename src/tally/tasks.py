@@ -127,7 +127,9 @@ def _celery_settings() -> dict:
         # Every hour at minute 5: catch-up aggregates whatever is missing, failed or dirty, so a
         # stopped worker or scheduler leaves no permanent gap.
         beat_schedule={"catch-up": {"task": "tally.catch_up", "schedule": crontab(minute=5),
-                                    "options": {"headers": {"tally_trigger": "catch-up"}}}},
+                                    "options": {"headers": {"tally_trigger": "catch-up"}}},
+                       # Daily at 03:35: seal, then delete what sealed history no longer needs.
+                       "retention": {"task": "tally.retention", "schedule": crontab(minute=35, hour=3)}},
         beat_schedule_filename=str(s.home / "celerybeat-schedule"),
     )
 
@@ -261,7 +263,7 @@ def _cut(results: list[RollupResult]) -> list[dict]:
 
 
 def _run(task: TallyTask, bucket: B.Bucket, *, trigger: str, steps=None, atomic: bool = False,
-         backfill_force: bool | None = None) -> dict:
+         backfill_force: bool | None = None, unseal: bool = False) -> dict:
     """Run ``steps`` (default all) of ``bucket``; a retry or redelivery runs only those not done.
 
     ``backfill_force`` (backfill only): False runs just the steps that need work (missing,
@@ -274,10 +276,14 @@ def _run(task: TallyTask, bucket: B.Bucket, *, trigger: str, steps=None, atomic:
         conn = runner.ledger.conn
         if (task.request.delivery_info or {}).get("redelivered"):
             S.reap(conn)  # the dead worker's 'running' rows, once their sessions are gone
+        chosen = [s.name for s in steps_of(bucket.rollup, steps)]
+        if backfill_force is None and not again:
+            P.check_sealed(conn, bucket, chosen, unseal)  # an explicit rollup of a sealed bucket: refused
+        elif unseal:
+            P.refuse_purged(conn, bucket.start, bucket.end, str(bucket))
         if again or backfill_force is not None:
             bs = S.of(conn, bucket)
-            chosen = [s.name for s in steps_of(bucket.rollup, steps)]
-            todo = P.forced(bs) if backfill_force and not again else P.work(bs)
+            todo = P.forced(bs, unseal) if backfill_force and not again else P.work(bs)
             # a permanent failure of an earlier attempt was alerted then: not retried
             kept = [s for s in todo if not (again and bs[s] is State.FAILED and bs.steps[s].facts.transient is False)]
             earlier = [dict(rollup=bucket.rollup, bucket=bucket.label, step=s, attempt=bs.steps[s].facts.attempt,
@@ -329,14 +335,15 @@ def monthly_rollup(self, month: str | None = None, steps: list[str] | None = Non
 
 
 @app.task(name="tally.backfill_bucket", base=TallyTask, bind=True)
-def backfill_bucket(self, rollup: str, bucket: str, force: bool = False, allow_open: bool = False) -> dict:
-    """One bucket of a backfill: its steps that are missing, failed or dirty (all with ``force``);
-    nothing if it is done and current."""
+def backfill_bucket(self, rollup: str, bucket: str, force: bool = False, allow_open: bool = False,
+                    unseal: bool = False) -> dict:
+    """One bucket of a backfill: its steps that are missing, failed or dirty (all with ``force``,
+    sealed ones too with ``unseal``); nothing if it is done and current."""
     if bucket is None:
         raise InvalidInput(f"backfill_bucket needs a bucket for the {rollup} rollup")
     target = B.parse_bucket(rollup, bucket)
     _refuse_open(target, allow_open)
-    return _run(self, target, trigger="backfill", backfill_force=bool(force))
+    return _run(self, target, trigger="backfill", backfill_force=bool(force), unseal=bool(unseal))
 
 
 @app.task(name="tally.catch_up", base=TallyTask, bind=True)
@@ -355,6 +362,17 @@ def catch_up(self, now: str | None = None) -> dict:
         raise TransientFailure(_cut(result.buckets))
     self.conclude(_failures(result.buckets))
     return result.as_dict()
+
+
+@app.task(name="tally.retention", base=TallyTask, bind=True)
+def retention(self, dry_run: bool = False) -> dict:
+    """Seal, then delete what sealed history no longer needs (scheduled daily at 03:35)."""
+    from . import retention as R
+    from .db import connect
+
+    with connect(autocommit=True) as conn:
+        conn.execute("SET TIME ZONE 'UTC'")
+        return R.run(conn, dry_run=bool(dry_run)).as_dict()
 
 
 # ---- worker, beat, flower ------------------------------------------------------------------

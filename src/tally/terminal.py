@@ -187,6 +187,9 @@ def render_status(console: Console, g, by: str = "auto") -> None:
     open_shown = any(g.is_open(b) for rows in g.states.values() for b in rows)
     console.print(_legend(states, open_shown))
     console.print(_summary_line(g, states))
+    if g.ignored:
+        console.print(Text(f"{g.ignored:,} change(s) to sealed history ignored: their output rows stay as they were "
+                           "(tally run --unseal re-aggregates a bucket on purpose)", style=COLORS[State.SEALED]))
 
 
 # ---- the ledger -----------------------------------------------------------------------------
@@ -331,6 +334,9 @@ def print_report(console: Console, report, what: str) -> None:
     if getattr(report, "resumed", None):
         console.print(f"resumed the forced backfill that began {report.resumed}: buckets it had done were not "
                       "forced again")
+    if getattr(report, "sealed", 0):
+        console.print(f"left {report.sealed} sealed bucket(s) as they are (final history): add --unseal to "
+                      "re-aggregate them")
     left = getattr(report, "left_open", [])
     if left:
         console.print(f"left {len(left)} bucket(s) that have not ended ({left[0]}"
@@ -389,12 +395,50 @@ def render_plan(console: Console, planned, title: str) -> None:
     console.print(table)
 
 
+def render_retention(console: Console, p) -> None:
+    """What retention deleted (or, in a dry run, would delete), and what it kept and why."""
+    verb = "would delete" if p.dry_run else "deleted"
+    if p.sealed:
+        console.print("sealed: " + ", ".join(f"{n} {r}" for r, n in p.sealed.items()))
+    if p.raw_cutoff is None:
+        console.print("source rows: kept (TALLY_RAW_RETENTION_DAYS is not set)")
+    for table, sp in p.sources.items():
+        hours = [h for h, _ in sp.hours]
+        span = f" ({B.HOUR.label(hours[0])} .. {B.HOUR.label(hours[-1])})" if hours else ""
+        console.print(f"{table}: {verb} {sp.rows:,} row(s) of {len(hours)} sealed hour(s) before "
+                      f"{B.HOUR.label(p.raw_cutoff)}{span}"
+                      + (f" and {len(sp.partitions)} whole partition(s): "
+                         + ", ".join(n for n, *_ in sp.partitions) if sp.partitions else ""))
+        if sp.kept:
+            console.print(f"  kept the rows of {sum(sp.kept.values())} older hour(s) that are not sealed: "
+                          + ", ".join(f"{n} {why}" for why, n in sp.kept.most_common()))
+    if p.hourly_cutoff is None:
+        console.print("hourly output rows: kept (TALLY_HOURLY_RETENTION_DAYS is not set)")
+    else:
+        console.print(f"hourly output rows: {verb} {sum(n for _, n in p.hourly):,} row(s) of {len(p.hourly)} hour(s) "
+                      f"before {B.HOUR.label(p.hourly_cutoff)} whose day, week and month are sealed"
+                      + (f"; kept {p.hourly_kept} hour(s) whose day, week or month is not" if p.hourly_kept else ""))
+    console.print(f"ledger: {verb} {p.ledger_rows:,} attempt(s) started before {p.ledger_cutoff:%Y-%m-%dT%H:%MZ} "
+                  "(never one behind a bucket's current state)")
+    if not p.dry_run:
+        console.print(f"retention finished in {p.seconds:.1f}s; the longest delete batch took "
+                      f"{p.longest_batch * 1000:.0f} ms")
+
+
 # ---- verify ----------------------------------------------------------------------------------
 
 def render_verify(console: Console, report, limit: int = 200) -> None:
     """The drift table (at most ``limit`` lines) and a one-line verdict."""
     checked = ", ".join(f"{n} {kind if n != 1 else kind[:-1]}" for kind, n in report.checked.items() if n)
     span = f"{report.start:%Y-%m-%dT%H:00Z} .. {report.end:%Y-%m-%dT%H:00Z}"
+    if report.sealed:
+        console.print(f"sealed: {len(report.sealed)} table bucket(s) differ from today's source by changes ignored "
+                      f"since they were sealed (history, not drift): {', '.join(list(report.sealed)[:5])}"
+                      + (" …" if len(report.sealed) > 5 else ""), markup=False)
+    if report.purged:
+        console.print(f"purged: {len(report.purged)} table bucket(s) whose source or hourly rows retention deleted "
+                      f"were not compared: {', '.join(list(report.purged)[:5])}"
+                      + (" …" if len(report.purged) > 5 else ""), markup=False)
     if report.clean:
         console.print(f"[green]clean[/]: every output row of {span} matches its source ({checked})")
         return

@@ -16,7 +16,9 @@ import psycopg
 from psycopg import sql
 
 from . import buckets as B
+from . import state as S
 from .queries import query
+from .state import State
 from .steps import STEPS
 
 FLOAT_REL = 1e-9  # float sums in another order
@@ -51,6 +53,9 @@ class VerifyReport:
     end: dt.datetime
     checked: dict[str, int] = field(default_factory=dict)  # hours, days, weeks, months checked
     drifts: list[Drift] = field(default_factory=list)
+    # buckets whose differences are history, not drift: "<table> <bucket>" -> problems found there
+    sealed: dict[str, int] = field(default_factory=dict)  # sealed: changes to the source since are ignored
+    purged: dict[str, int] = field(default_factory=dict)  # retention purged their source or hourly rows
 
     @property
     def clean(self) -> bool:
@@ -58,7 +63,8 @@ class VerifyReport:
 
     def as_dict(self) -> dict:
         return {"from": self.start.isoformat(), "to": self.end.isoformat(), "clean": self.clean,
-                "checked": self.checked, "drifts": [asdict(d) for d in self.drifts]}
+                "checked": self.checked, "drifts": [asdict(d) for d in self.drifts],
+                "sealed": self.sealed, "purged": self.purged}
 
 
 def plan(start: dt.datetime, end: dt.datetime) -> list[tuple[str, str, dt.datetime, dt.datetime]]:
@@ -99,5 +105,49 @@ def verify(conn: psycopg.Connection, start: dt.datetime, end: dt.datetime,
             report.drifts.append(Drift(table, label, key, problem, col, expected, actual))
         if on_chunk is not None:
             on_chunk(i + 1, len(chunks))
+    _history(conn, report)
     return report
+
+
+# the purge records that explain differences in each output table
+_PURGE_SOURCES = {"execution_metrics_hourly": ("execution_logs", "hourly"),
+                  "credit_consumption_hourly": ("execution_logs", "hourly"),
+                  "user_activity_hourly": ("user_activity", "hourly")}
+
+
+def _history(conn: psycopg.Connection, report: VerifyReport) -> None:
+    """Move the differences of sealed or purged buckets out of the drift: they are history.
+
+    A purged bucket (retention deleted its source or hourly rows) cannot be compared; a sealed
+    one differs from today's source by the changes ignored since it was sealed."""
+    if not report.drifts:
+        return
+    purged = {(source, h.astimezone(B.UTC)) for source, h in conn.execute(
+        query("verify_purged"), dict(start=report.start, end=report.end))}
+    by_table = {t: r for r, step in PERIODS for t in [step.table]} | {t: B.HOUR.rollup for t, _ in HOURLY}
+    touched: dict[str, set] = {}
+    for d in report.drifts:
+        touched.setdefault(by_table[d.table], set()).add(d.bucket)
+    sealed_buckets: set[tuple[str, str]] = set()
+    for rollup, labels in touched.items():
+        g = B.grain(rollup)
+        states = S.read(conn, rollup, [g.bucket(g.parse(label)) for label in labels])
+        sealed_buckets |= {(rollup, b.label) for b, bs in states.items() if State.SEALED in bs.states.values()}
+    drifts = []
+    for d in report.drifts:
+        rollup = by_table[d.table]
+        g = B.grain(rollup)
+        b = g.bucket(g.parse(d.bucket))
+        where = f"{d.table} {d.bucket}"
+        if g.parts is None:
+            gone = any((src, b.start) in purged for src in _PURGE_SOURCES[d.table])
+        else:
+            gone = any(b.start <= h < b.end for _, h in purged)
+        if gone:
+            report.purged[where] = report.purged.get(where, 0) + 1
+        elif (rollup, d.bucket) in sealed_buckets:
+            report.sealed[where] = report.sealed.get(where, 0) + 1
+        else:
+            drifts.append(d)
+    report.drifts = drifts
 

@@ -45,8 +45,9 @@ def seed_hours(url: str, start: dt.datetime, hours: int) -> None:
 
 
 def tally_env(url: str, **extra: str) -> dict:
-    """The environment of a tally subprocess: this one's, minus any TALLY_* but what is given."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    """The environment of a tally subprocess: this one's, minus any TALLY_* but what is given (and the
+    suite's TALLY_SEAL_AFTER_DAYS: these scenarios use dates months ago, not sealed history)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_") or k == "TALLY_SEAL_AFTER_DAYS"}
     env.update(TALLY_DATABASE_URL=url, **{k: str(v) for k, v in extra.items()})
     return env
 

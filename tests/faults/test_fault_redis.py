@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from celery_support import Worker
+from celery_support import Worker, wait_for
 from fault_support import (HOUR, UTC, assert_ledger_truthful, assert_same_outputs, clean_outputs, ledger,
                            one_error_line, run_tally, seed_hours, tally_env)
 from outputs import snapshot
@@ -60,8 +60,8 @@ def test_redis_unavailable_when_sending_and_when_a_worker_starts(faulty, conn, m
         run = run_tally(send + ["--force"], env)  # waits for the worker, which reconnects on its own
         assert run.returncode == 0, run.stdout + run.stderr
         assert worker.proc.poll() is None, "the worker died with its broker"
-        log = worker.text()
-        assert log.count("Connected to redis://") >= 2 or "Connected to redis" in log.split("Cannot connect")[-1], log
+        wait_for(lambda: (log := worker.text()).count("Connected to redis://") >= 2
+                 or "Connected to redis" in log.split("Cannot connect")[-1], 30, "the worker's reconnection line")
     finally:
         worker.stop()
     assert_same_outputs(conn, clean)

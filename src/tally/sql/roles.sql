@@ -17,7 +17,7 @@ REVOKE ALL ON public.execution_logs, analytics.user_activity,
     analytics.execution_metrics_hourly, analytics.user_activity_hourly, analytics.credit_consumption_hourly,
     analytics.execution_metrics_daily, analytics.execution_metrics_weekly, analytics.execution_metrics_monthly,
     analytics.aggregation_runs, analytics.aggregation_latest, analytics.dirty_log, analytics.bucket_state,
-    analytics.backfill_runs
+    analytics.backfill_runs, analytics.purged
     FROM {role};
 GRANT USAGE ON SCHEMA public, analytics TO {role};
 GRANT SELECT ON public.execution_logs, analytics.user_activity TO {role};
@@ -30,6 +30,8 @@ GRANT SELECT, INSERT, UPDATE ON analytics.aggregation_runs TO {role};
 GRANT SELECT, INSERT, UPDATE ON analytics.bucket_state TO {role};
 -- a forced backfill records when it began and ended, so the identical command can resume it
 GRANT SELECT, INSERT, UPDATE ON analytics.backfill_runs TO {role};
+-- what retention purged: an unseal is refused where it would rebuild from purged rows
+GRANT SELECT ON analytics.purged TO {role};
 GRANT SELECT ON analytics.aggregation_latest TO {role};
 -- a rollup claims its hour's change marks (UPDATE) and clears them once read (DELETE)
 GRANT SELECT, UPDATE, DELETE ON analytics.dirty_log TO {role};
@@ -47,13 +49,14 @@ REVOKE ALL ON public.execution_logs, analytics.user_activity,
     analytics.execution_metrics_hourly, analytics.user_activity_hourly, analytics.credit_consumption_hourly,
     analytics.execution_metrics_daily, analytics.execution_metrics_weekly, analytics.execution_metrics_monthly,
     analytics.aggregation_runs, analytics.aggregation_latest, analytics.dirty_log, analytics.bucket_state,
-    analytics.backfill_runs
+    analytics.backfill_runs, analytics.purged
     FROM {role};
 GRANT USAGE ON SCHEMA analytics TO {role};
 GRANT SELECT ON
     analytics.execution_metrics_hourly, analytics.user_activity_hourly, analytics.credit_consumption_hourly,
     analytics.execution_metrics_daily, analytics.execution_metrics_weekly, analytics.execution_metrics_monthly,
-    analytics.aggregation_runs, analytics.aggregation_latest, analytics.dirty_log, analytics.bucket_state
+    analytics.aggregation_runs, analytics.aggregation_latest, analytics.dirty_log, analytics.bucket_state,
+    analytics.purged
     TO {role};
 
 -- roles_source_writers --
@@ -63,3 +66,15 @@ GRANT SELECT ON
 -- analytics at all; no one else may call the function.
 ALTER FUNCTION analytics.tally_mark_dirty() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION analytics.tally_mark_dirty() FROM PUBLIC;
+
+-- roles_retention --
+-- The role `tally retention` runs as: a member of the worker role (everything a worker may), and
+-- what only retention does: delete the source rows of sealed hours, hourly output rows of sealed
+-- days, weeks and months, and old ledger history, and record what it purged. Dropping whole
+-- partitions of a partitioned source needs the ownership of that table, which no grant gives.
+REVOKE ALL ON public.execution_logs, analytics.user_activity, analytics.aggregation_runs, analytics.purged
+    FROM {role};
+GRANT {worker} TO {role};
+GRANT SELECT, DELETE ON public.execution_logs, analytics.user_activity TO {role};
+GRANT DELETE ON analytics.aggregation_runs TO {role};
+GRANT SELECT, INSERT, UPDATE ON analytics.purged TO {role};

@@ -140,9 +140,10 @@ SELECT id FROM dead;
 -- disjoint ranges [los[i], his[i]):
 --   'state'  the stored state of the rollup's steps (and, for a period, of the hourly steps it
 --            reads: inputs), of every bucket starting in a range;
---   'mark'   the change marks of every hour in a range, per source table: whether one is still
---            unclaimed, when the last one was claimed, and how many there are.
--- Parameters: rollup, steps, inputs (hourly steps; empty for hours), los, his (arrays).
+--   'mark'   the change marks of every hour in a range, per source table: how many came after
+--            the hour could be sealed (ignored), how many before, whether one of those is still
+--            unclaimed, and when the last of them was claimed.
+-- Parameters: rollup, steps, inputs (hourly steps; empty for hours), los, his (arrays), seal_after.
 WITH ranges AS (
     SELECT * FROM unnest(%(los)s::timestamptz[], %(his)s::timestamptz[]) AS r(lo, hi)
 ),
@@ -160,8 +161,14 @@ SELECT 'state' AS kind, rollup, step, bucket_start, bucket_end, state, attempt_i
        NULL::bigint AS marks, NULL::boolean AS unclaimed, NULL::timestamptz AS last_claimed
 FROM stored
 UNION ALL
-SELECT 'mark', NULL, d.source, d.hour, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       count(*), bool_or(d.claimed_at IS NULL), max(d.claimed_at)
+-- a mark made after its hour could be sealed (it ended more than seal_after ago) is a change
+-- ignored, whatever the hour's state: counted apart, never making it dirty
+SELECT 'mark', NULL, d.source, d.hour, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       count(*) FILTER (WHERE d.marked_at >= d.hour + interval '1 hour' + %(seal_after)s::interval),
+       count(*) FILTER (WHERE d.marked_at < d.hour + interval '1 hour' + %(seal_after)s::interval),
+       coalesce(bool_or(d.claimed_at IS NULL)
+                    FILTER (WHERE d.marked_at < d.hour + interval '1 hour' + %(seal_after)s::interval), false),
+       max(d.claimed_at) FILTER (WHERE d.marked_at < d.hour + interval '1 hour' + %(seal_after)s::interval)
 FROM ranges r
 JOIN analytics.dirty_log d ON d.hour >= r.lo AND d.hour < r.hi
 GROUP BY d.hour, d.source;
@@ -208,3 +215,42 @@ GROUP BY hour ORDER BY hour;
 -- Which of some hours hold at least one execution (an index probe each).
 SELECT h FROM unnest(%(hours)s::timestamptz[]) AS h
 WHERE EXISTS (SELECT 1 FROM public.execution_logs e WHERE e.started_at >= h AND e.started_at < h + interval '1 hour');
+
+-- seal_candidates --
+-- Buckets of one rollup whose steps are stored ok and that ended at least seal_after before now:
+-- state.py decides which of them are sealed (every step ok, no change before they could be).
+SELECT DISTINCT bucket_start, bucket_end FROM analytics.bucket_state
+WHERE rollup = %(rollup)s AND state = 'ok' AND bucket_end <= %(now)s::timestamptz - %(seal_after)s::interval
+ORDER BY bucket_start;
+
+-- seal --
+-- Buckets sealed: every step of them, still ok, becomes sealed (final history).
+UPDATE analytics.bucket_state SET state = 'sealed', sealed_at = %(now)s, changed_at = clock_timestamp()
+WHERE rollup = %(rollup)s AND bucket_start = ANY(%(starts)s::timestamptz[]) AND state = 'ok';
+
+-- sweep_ignored --
+-- The change marks of sealed hours, counted into the ignored changes of the steps reading
+-- their source and deleted (one statement).
+WITH gone AS (
+    DELETE FROM analytics.dirty_log d
+    USING (SELECT DISTINCT bucket_start FROM analytics.bucket_state WHERE rollup = 'hourly' AND state = 'sealed') s
+    WHERE d.hour = s.bucket_start
+    RETURNING d.hour, d.source
+),
+counted AS (
+    SELECT hour, source, count(*) AS n FROM gone GROUP BY hour, source
+)
+UPDATE analytics.bucket_state b SET ignored_changes = b.ignored_changes + c.n
+FROM counted c, unnest(%(sources)s::text[], %(steps)s::text[]) AS r(source, step)
+WHERE b.rollup = 'hourly' AND b.bucket_start = c.hour AND r.source = c.source AND b.step = r.step
+RETURNING b.step;
+
+-- ignored_total --
+-- Changes ignored for sealed buckets: counted ones, and marks of hours that could be sealed.
+SELECT ((SELECT coalesce(sum(ignored_changes), 0) FROM analytics.bucket_state WHERE rollup = 'hourly')
+        + (SELECT count(*) FROM analytics.dirty_log
+           WHERE marked_at >= hour + interval '1 hour' + %(seal_after)s::interval))::bigint;
+
+-- purged_in --
+-- The first hour in [start, end) whose source or hourly rows tally's retention purged.
+SELECT source, hour FROM analytics.purged WHERE hour >= %(start)s AND hour < %(end)s ORDER BY hour, source LIMIT 1;

@@ -259,3 +259,7 @@ CROSS JOIN LATERAL (VALUES
 WHERE NOT CASE WHEN c.e IS NULL OR c.a IS NULL THEN c.e IS NULL AND c.a IS NULL
                ELSE c.e = c.a OR abs(c.e - c.a) <= c.tol::numeric * greatest(abs(c.e), abs(c.a)) END
 ORDER BY 2, 4;
+
+-- verify_purged --
+-- The hours of [start, end) whose source or hourly rows retention purged (analytics.purged).
+SELECT source, hour FROM analytics.purged WHERE hour >= %(start)s AND hour < %(end)s;
