@@ -51,6 +51,7 @@ class Settings:
     statement_timeout: float  # seconds per step statement, 0 = none
     max_range_days: int  # longest range backfill/verify/status accept
     step_timeouts: dict[str, float]  # TALLY_STATEMENT_TIMEOUT_<STEP>: step name -> seconds
+    web_auth: str | None = None  # TALLY_WEB_AUTH: user:password of the console (tally serve)
 
     def statement_timeout_of(self, step: str) -> float:
         """The statement timeout of ``step`` (its own, else TALLY_STATEMENT_TIMEOUT), 0 = none."""
@@ -72,6 +73,7 @@ class Settings:
             max_range_days=_int("TALLY_MAX_RANGE_DAYS", 400, minimum=1),
             step_timeouts={name[len(_STEP_TIMEOUT):].lower(): _float(name, 0.0)
                            for name in sorted(os.environ) if name.startswith(_STEP_TIMEOUT) and os.environ[name]},
+            web_auth=os.environ.get("TALLY_WEB_AUTH") or None,
         )
 
 
