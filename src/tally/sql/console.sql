@@ -4,14 +4,15 @@
 -- tally/state.py: these queries only find candidates for it, and count the ledger.
 
 -- console_ok_candidates --
--- The newest buckets of one step that ended by `now` and whose stored state is ok or sealed,
--- newest first: tally/state.py decides which of them are still ok (not dirty), for freshness.
--- The primary key (rollup, step, bucket_start) is read backwards.
+-- The newest buckets of one step that started before `before`, ended by `now` and whose stored
+-- state is ok or sealed, newest first: tally/state.py decides which of them are still ok (not
+-- dirty), for freshness. The primary key (rollup, step, bucket_start) is read backwards.
 SELECT bucket_start, bucket_end
 FROM analytics.bucket_state
 WHERE rollup = %(rollup)s AND step = %(step)s AND state IN ('ok', 'sealed') AND bucket_end <= %(now)s
+  AND bucket_start < %(before)s
 ORDER BY bucket_start DESC
-LIMIT %(limit)s;
+LIMIT %(limit)s OFFSET %(offset)s;
 
 -- console_last_attempts --
 -- For each (rollup, step): its newest concluded attempt (succeeded or failed) and its newest

@@ -79,22 +79,40 @@ def newest(rollup: str, now: dt.datetime, n: int) -> list[Bucket]:
     return found[::-1]
 
 
-def freshest(conn: psycopg.Connection, rollup: str, step: str, now: dt.datetime) -> Bucket | None:
-    """The newest bucket of ``step`` that has ended and is ok or sealed (the state decides: a
-    stored ok may be dirty now). Candidates are asked for in growing batches: usually one."""
-    seen = 0
-    for limit in (1, 16, 256, None):
-        rows = conn.execute(query("console_ok_candidates"),
-                            dict(rollup=rollup, step=step, now=now, limit=limit)).fetchall()
-        candidates = [Bucket(rollup, s.astimezone(B.UTC), e.astimezone(B.UTC)) for s, e in rows[seen:]]
-        states = S.read(conn, rollup, candidates)
-        for b in sorted(candidates, reverse=True):
-            if states[b][step] in S.DONE:
-                return b
-        if limit is None or len(rows) < limit:
-            return None
-        seen = len(rows)
-    return None
+def freshest(conn: psycopg.Connection, rollup: str, now: dt.datetime, known: dict[Bucket, BucketState]
+             ) -> dict[str, Bucket | None]:
+    """For each step of ``rollup``: the newest bucket that has ended and is ok or sealed (the state
+    decides: a stored ok may be dirty now). ``known``: states already read (the catch-up window's),
+    looked at first; older candidates are read in growing batches, the steps together."""
+    steps = list(ROLLUP_STEPS[rollup])
+    found: dict[str, Bucket | None] = {}
+    for b in sorted(known, reverse=True):
+        for step in steps:
+            if step not in found and b.end <= now and known[b][step] in S.DONE:
+                found[step] = b
+    before = min((b.start for b in known), default=B.grain(rollup).advance(B.grain(rollup).floor(now)))
+    offset = {step: 0 for step in steps}
+    limit = 64
+    while len(found) < len(steps):
+        batch: dict[str, list[Bucket]] = {}
+        for step in steps:
+            if step in found:
+                continue
+            rows = conn.execute(query("console_ok_candidates"), dict(rollup=rollup, step=step, now=now, before=before,
+                                                                     limit=limit, offset=offset[step])).fetchall()
+            batch[step] = [Bucket(rollup, s.astimezone(B.UTC), e.astimezone(B.UTC)) for s, e in rows]
+            offset[step] += len(rows)
+        states = S.read(conn, rollup, {b for bs in batch.values() for b in bs})
+        for step, candidates in batch.items():
+            for b in candidates:  # newest first
+                if states[b][step] in S.DONE:
+                    found[step] = b
+                    break
+            else:
+                if len(candidates) < limit:
+                    found[step] = None
+        limit *= 8
+    return found
 
 
 # ---- health: the overview and /metrics ------------------------------------------------------
@@ -171,7 +189,8 @@ def health(conn: psycopg.Connection, now: dt.datetime | None = None, *, strips: 
     w = window(now)
     steps = {(r, s): StepHealth(r, s) for r in B.ROLLUPS for s in ROLLUP_STEPS[r]}
     for rollup in B.ROLLUPS:
-        for bs in S.read(conn, rollup, window_buckets(rollup, w)).values():
+        windowed = S.read(conn, rollup, window_buckets(rollup, w))
+        for bs in windowed.values():
             for step, st in bs.steps.items():
                 steps[(rollup, step)].window[st.state.value] += 1
         for bs in S.read(conn, rollup, S.starts_in(conn, rollup, ["failed", "running"])).values():
@@ -180,14 +199,16 @@ def health(conn: psycopg.Connection, now: dt.datetime | None = None, *, strips: 
                     steps[(rollup, step)].failing.append((bs.bucket, st.why))
                 elif st.state is State.RUNNING:
                     steps[(rollup, step)].running.append(bs.bucket)
+        known = dict(windowed)
         if strips:
             recent = S.read(conn, rollup, newest(rollup, now, STRIP[rollup]))
+            known.update(recent)
             for step in ROLLUP_STEPS[rollup]:
                 steps[(rollup, step)].strip = [cell(b, step, bs.steps[step], now) for b, bs in recent.items()]
-        for step in ROLLUP_STEPS[rollup]:
+        for step, fresh in freshest(conn, rollup, now, known).items():
             h = steps[(rollup, step)]
-            h.fresh = freshest(conn, rollup, step, now)
-            h.age = (now - h.fresh.end).total_seconds() if h.fresh else None
+            h.fresh = fresh
+            h.age = (now - fresh.end).total_seconds() if fresh else None
     keys = list(steps)
     for (rollup, step, status, started, finished, seconds, rows, start,
          ok_finished, ok_seconds, ok_rows, ok_start) in conn.execute(
