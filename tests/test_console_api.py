@@ -16,6 +16,7 @@ import uuid
 
 import psycopg
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 pytest.register_assert_rewrite("celery_support", "console_support")
@@ -60,11 +61,15 @@ def server(history, broker, tmp_path_factory):
 def guarded(history, broker, tmp_path_factory):
     """The console with TALLY_WEB_AUTH (actions enabled) on a broker prefix of its own: the tasks it
     sends here reach no worker."""
-    env = {**broker, "TALLY_BROKER_PREFIX": f"tally-test-{uuid.uuid4().hex[:10]}:", "TALLY_DATABASE_URL": history["url"],
+    prefix = f"tally-test-{uuid.uuid4().hex[:10]}:"
+    env = {**broker, "TALLY_BROKER_PREFIX": prefix, "TALLY_DATABASE_URL": history["url"],
            "TALLY_WEB_AUTH": ":".join(AUTH)}
     s = Server(env, tmp_path_factory.mktemp("guarded") / "serve.log")
     yield s
     s.stop()
+    r = redis.Redis.from_url(broker["TALLY_BROKER_URL"])
+    for k in r.scan_iter(match=f"{prefix}*", count=1000):  # the tasks no worker was there to take
+        r.delete(k)
 
 
 def label(t: dt.datetime) -> str:
