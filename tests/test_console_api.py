@@ -8,6 +8,7 @@ hour dirty, and a sealed hour (as the data lifecycle leaves one).
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import subprocess
 import sys
@@ -261,7 +262,7 @@ def settings_days() -> int:
 # ---- auth, cross-site requests, the bind ---------------------------------------------------------------
 
 def test_a_public_bind_without_credentials_exits_2_in_one_line(tmp_path):
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TALLY_WEB_AUTH"}
+    env = {k: v for k, v in os.environ.items() if k != "TALLY_WEB_AUTH"}
     for address in ("0.0.0.0", "::", "192.168.1.5", "example.com"):
         r = subprocess.run([TALLY, "serve", "--address", address, "--port", str(free_port())], env=env,
                            capture_output=True, text=True, timeout=60)
@@ -276,7 +277,7 @@ def test_a_public_bind_without_credentials_exits_2_in_one_line(tmp_path):
 
 def test_a_busy_port_is_one_line(server, history):
     r = subprocess.run([TALLY, "serve", "--port", str(server.port)], capture_output=True, text=True, timeout=60,
-                       env={**__import__("os").environ, "TALLY_DATABASE_URL": history["url"]})
+                       env={**os.environ, "TALLY_DATABASE_URL": history["url"]})
     assert r.returncode == 2 and "address already in use" in r.stderr.strip().splitlines()[-1]
 
 

@@ -9,6 +9,7 @@ Metric names are a public interface (docs/CONSOLE.md lists them, with alert rule
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -131,6 +132,4 @@ def render(connect) -> bytes:
 
 def scrape(conn: psycopg.Connection) -> bytes:
     """One scrape on an open connection (the benchmark's entry point)."""
-    import contextlib
-
     return render(lambda: contextlib.nullcontext(conn))
