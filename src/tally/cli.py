@@ -609,6 +609,29 @@ def flower(ctx: typer.Context,
     raise typer.Exit(tasks.run_flower(ctx.args, address=address, port=port, auth=auth))
 
 
+@app.command()
+def serve(address: str = typer.Option("127.0.0.1", help="Address to bind; not loopback needs TALLY_WEB_AUTH."),
+          port: int = typer.Option(8787, min=1, max=65535, help="Port.")) -> None:
+    """The operator console: rollup health, the grid, buckets, runs, the output as charts; /metrics for Prometheus.
+
+    Pages work with the read-only dashboard role. Actions (retry, re-run, backfill, verify) go to the
+    workers as Celery tasks and need TALLY_WEB_AUTH=user:password (then every page asks for it).
+    """
+    from . import tasks
+    from .config import settings
+
+    auth = tasks.bind_auth(address, settings().web_auth, "TALLY_WEB_AUTH", "the console",
+                           "its actions run rollups; its pages show every failure")
+    url = say_database()
+    from .db import redact
+    from .web import serve as run
+
+    err.print(f"tally: broker: {redact(tasks.app.conf.broker_url)}")
+    err.print(f"tally: console on http://{'[' + address + ']' if ':' in address else address}:{port}/ "
+              f"(actions {'need TALLY_WEB_AUTH' if auth is None else 'enabled, with basic auth'})")
+    raise typer.Exit(run(url, address, port, auth))
+
+
 # ---- demo --------------------------------------------------------------------------------
 
 @app.command()

@@ -99,6 +99,7 @@ class Settings:
     raw_retention_days: int | None  # retention deletes source rows of sealed hours older than this (None: never)
     hourly_retention_days: int | None  # ... and hourly output rows whose day, week and month are sealed
     ledger_retention_days: int  # ... and ledger history older than this (never a bucket's current state)
+    web_auth: str | None = None  # TALLY_WEB_AUTH: user:password of the console (tally serve)
 
     def statement_timeout_of(self, step: str) -> float:
         """The statement timeout of ``step`` (its own, else TALLY_STATEMENT_TIMEOUT), 0 = none."""
@@ -128,6 +129,7 @@ class Settings:
             raw_retention_days=_optional_int("TALLY_RAW_RETENTION_DAYS", 1),
             hourly_retention_days=_optional_int("TALLY_HOURLY_RETENTION_DAYS", 1),
             ledger_retention_days=_int("TALLY_LEDGER_RETENTION_DAYS", 90, minimum=1),
+            web_auth=os.environ.get("TALLY_WEB_AUTH") or None,
         ).checked()
 
     def checked(self) -> "Settings":

@@ -7,12 +7,16 @@ transaction; a success is written inside that transaction, with the step's rows.
 """
 from __future__ import annotations
 
+import datetime as dt
 from typing import Callable, TypeVar
 
 import psycopg
 
+from . import buckets as B
 from .db import connect
+from .errors import InvalidInput
 from .queries import query
+from .steps import STEPS
 
 T = TypeVar("T")
 
@@ -57,3 +61,40 @@ def runs(conn: psycopg.Connection, *, failed: bool = False, limit: int = 50) -> 
 def marker(conn: psycopg.Connection) -> int:
     """The newest ledger id: attempts after it were made after this moment."""
     return conn.execute(query("ops_ledger_marker")).fetchone()[0]
+
+
+STATUSES = ("running", "succeeded", "failed", "skipped")  # the ledger's CHECK constraint
+
+
+def find_runs(conn: psycopg.Connection, *, rollup: str | None = None, step: str | None = None,
+              status: str | None = None, trigger: str | None = None, start: dt.datetime | None = None,
+              end: dt.datetime | None = None, since: dt.datetime | None = None, limit: int = 50,
+              offset: int = 0) -> list[dict]:
+    """Ledger rows, newest first, filtered and paginated (every filter optional).
+
+    ``rollup``, ``step``, ``status``, ``trigger``: equal to; ``start``/``end``: buckets that
+    overlap [start, end); ``since``: attempts started at or after it. A value that names no
+    rollup, step, status or trigger is invalid input (one line), checked before any query.
+    """
+    from .rollups import TRIGGERS  # rollups imports this module
+
+    if rollup is not None:
+        B.grain(rollup)
+    if step is not None and step not in STEPS:
+        raise InvalidInput(f"unknown step {step!r} (expected one of {', '.join(STEPS)})")
+    if step is not None and rollup is not None and STEPS[step].rollup != rollup:
+        raise InvalidInput(f"step {step!r} is not a step of the {rollup} rollup")
+    if status is not None and status not in STATUSES:
+        raise InvalidInput(f"unknown status {status!r} (expected one of {', '.join(STATUSES)})")
+    if trigger is not None and trigger not in TRIGGERS:
+        raise InvalidInput(f"unknown trigger {trigger!r} (expected one of {', '.join(TRIGGERS)})")
+    if start is not None and end is not None and start >= end:
+        raise InvalidInput(f"invalid range: {start.isoformat()} is not before {end.isoformat()}")
+    if not 1 <= limit <= 10_000:
+        raise InvalidInput(f"invalid limit {limit}: expected 1 to 10000")
+    if offset < 0:
+        raise InvalidInput(f"invalid offset {offset}: expected 0 or more")
+    cur = conn.execute(query("console_runs"), dict(rollup=rollup, step=step, status=status, trigger=trigger,
+                                                   start=start, end=end, since=since, limit=limit, offset=offset))
+    cols = [c.name for c in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]

@@ -454,15 +454,21 @@ def _loopback(address: str) -> bool:
         return False  # a host name: may resolve to anything
 
 
+def bind_auth(address: str, auth: str | None, variable: str, what: str, why: str) -> str | None:
+    """``auth`` (the value of ``variable``), checked; refuses (invalid input) to serve ``what`` on
+    anything but loopback without it (``why``: what a stranger could do with it)."""
+    if auth is not None and (":" not in auth or auth.startswith(":") or auth.endswith(":")):
+        raise InvalidInput(f"{variable} must be user:password")
+    if auth is None and not _loopback(address):
+        raise InvalidInput(f"refusing to serve {what} on {address or 'every address'!r} without "
+                           f"{variable}=user:password ({why})")
+    return auth
+
+
 def flower_auth(address: str) -> str | None:
     """TALLY_FLOWER_AUTH, checked; refuses (invalid input) to bind anything but loopback without it."""
-    auth = settings().flower_auth
-    if auth is not None and (":" not in auth or auth.startswith(":") or auth.endswith(":")):
-        raise InvalidInput("TALLY_FLOWER_AUTH must be user:password")
-    if auth is None and not _loopback(address):
-        raise InvalidInput(f"refusing to serve Flower on {address or 'every address'!r} without "
-                           "TALLY_FLOWER_AUTH=user:password (Flower can revoke tasks and shows their arguments)")
-    return auth
+    return bind_auth(address, settings().flower_auth, "TALLY_FLOWER_AUTH", "Flower",
+                     "Flower can revoke tasks and shows their arguments")
 
 
 def run_flower(extra: list[str], *, address: str, port: int, auth: str | None) -> int:
@@ -472,3 +478,47 @@ def run_flower(extra: list[str], *, address: str, port: int, auth: str | None) -
     if auth:
         argv.append(f"--basic-auth={auth}")  # in-process: the password never shows in `ps`
     return _start(argv + extra)
+
+
+# ---- the operator console's actions (tally serve) -----------------------------------------------
+# The console never writes: its actions are these tasks (and tally.backfill_bucket), run by the
+# workers, which hold the worker role; the console's read-only role only reads what they did.
+
+@app.task(name="tally.retry_bucket", base=TallyTask, bind=True)
+def retry_bucket(self, rollup: str, bucket: str) -> dict:
+    """The steps of one bucket whose latest attempt failed (trigger ``retry``); nothing if none did."""
+    from .db import connection
+
+    b = B.parse_bucket(rollup, bucket)
+    if not _again(self):
+        with connection(autocommit=True) as conn:
+            failed = P.retryable(S.of(conn, b))
+        if not failed:
+            return _summary(RollupResult(uuid.uuid4(), b, False))
+    else:
+        failed = None  # _run runs what is not done yet
+    return _run(self, b, trigger="retry", steps=failed)
+
+
+VERIFY_DRIFTS = 200  # drift rows a verify task returns (every drift is counted per column)
+
+
+@app.task(name="tally.verify_bucket", base=TallyTask, bind=True)
+def verify_bucket(self, rollup: str, bucket: str) -> dict:
+    """``tally verify`` over one bucket's span: its output recomputed from the raw rows (which the
+    console's role may not read); the drift counted per table and column, the first rows listed."""
+    from collections import Counter
+
+    from .db import connection
+    from .verify import verify
+
+    b = B.parse_bucket(rollup, bucket)
+    with connection(autocommit=True) as conn:
+        conn.execute("SET TIME ZONE 'UTC'")
+        report = verify(conn, b.start, b.end)
+    result = report.as_dict()
+    columns = Counter((d.table, d.column or d.problem) for d in report.drifts)
+    result.update(rollup=rollup, bucket=b.label, drift_count=len(report.drifts),
+                  columns=[dict(table=t, column=c, rows=n) for (t, c), n in sorted(columns.items())],
+                  drifts=result["drifts"][:VERIFY_DRIFTS])
+    return result
