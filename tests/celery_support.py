@@ -38,10 +38,11 @@ TRUNCATE = """TRUNCATE public.execution_logs, analytics.user_activity, analytics
     analytics.execution_metrics_weekly, analytics.execution_metrics_monthly, analytics.aggregation_runs,
     analytics.dirty_log, analytics.bucket_state, public.test_fault RESTART IDENTITY"""
 
-# A real failure on demand: an INSERT into a step's output table raises while the step's
-# running attempt for that hour is at most `failing_attempts` (the ledger row is committed
-# before the step's SQL starts, so the trigger sees it), with SQLSTATE `errcode`: by default
-# 40001 (serialization_failure, transient: retried), or e.g. P0001 / 22003 (permanent).
+# A real failure on demand: an INSERT into user_activity_hourly raises while the step's attempt
+# for that hour is at most `failing_attempts` — the attempt the bucket's state says comes next
+# (1 + its failures since the latest success), so it works for one hour and for a chunk of hours
+# alike — with SQLSTATE `errcode`: by default 40001 (serialization_failure, transient: retried),
+# or e.g. P0001 / 22003 (permanent).
 FAULTS = """
 CREATE TABLE public.test_fault (step text NOT NULL, hour timestamptz NOT NULL, failing_attempts int NOT NULL,
                                 errcode text NOT NULL DEFAULT '40001');
@@ -49,17 +50,17 @@ CREATE FUNCTION public.test_fault() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     code text;
 BEGIN
-    SELECT f.errcode INTO code FROM analytics.aggregation_runs r
-    JOIN public.test_fault f ON f.step = r.step AND f.hour = r.bucket_start
-    WHERE r.rollup = 'hourly' AND r.status = 'running' AND r.attempt <= f.failing_attempts
+    SELECT f.errcode INTO code FROM public.test_fault f
+    LEFT JOIN analytics.bucket_state s ON s.rollup = 'hourly' AND s.step = f.step AND s.bucket_start = f.hour
+    WHERE f.step = 'user_activity' AND f.hour = NEW.hour AND 1 + coalesce(s.failures, 0) <= f.failing_attempts
     LIMIT 1;
     IF code IS NOT NULL THEN
         RAISE EXCEPTION 'injected fault in %', TG_TABLE_NAME USING ERRCODE = code;
     END IF;
-    RETURN NULL;
+    RETURN NEW;
 END $$;
 CREATE TRIGGER test_fault BEFORE INSERT ON analytics.user_activity_hourly
-    FOR EACH STATEMENT EXECUTE FUNCTION public.test_fault();
+    FOR EACH ROW EXECUTE FUNCTION public.test_fault();
 """
 
 

@@ -196,21 +196,21 @@ def test_an_interrupted_forced_backfill_resumes_then_forces_everything_again(db_
         holder.execute("SELECT pg_advisory_unlock(%s, %s)", key)
         assert proc.wait(60) == 130
 
-    def hours_run_since(mark: int) -> list[dt.datetime]:
-        return sorted({r[0] for r in conn.execute(
-            "SELECT bucket_start FROM analytics.aggregation_runs WHERE id > %s", (mark,))})
+    def run_since(mark: int) -> set[tuple[str, dt.datetime]]:
+        return set(conn.execute("SELECT step, bucket_start FROM analytics.aggregation_runs WHERE id > %s",
+                                (mark,)).fetchall())
 
-    first = hours_run_since(marker)
-    assert first == [START + k * HOUR for k in range(6)]  # hours 0-4, and hour 5's steps
+    everything = {(s, START + k * HOUR) for s in ("execution_metrics", "user_activity", "credit_consumption")
+                  for k in range(12)}
+    first = run_since(marker)  # step by step: execution_metrics of hours 0-4, then hour 5's, which waited
+    assert first == {("execution_metrics", START + k * HOUR) for k in range(6)}
     marker = conn.execute("SELECT max(id) FROM analytics.aggregation_runs").fetchone()[0]
     resumed = cli("backfill", *span)
     assert resumed.code == 0 and "resumed the forced backfill" in resumed.out
-    second = hours_run_since(marker)
-    assert START + 4 * HOUR not in second and second[-1] == START + 11 * HOUR  # continued, not restarted
-    assert set(second) <= {START + k * HOUR for k in range(5, 12)}
+    assert run_since(marker) == everything - first  # continued where it stopped, nothing forced twice
     marker = conn.execute("SELECT max(id) FROM analytics.aggregation_runs").fetchone()[0]
     assert cli("backfill", *span).code == 0  # it finished: the identical command forces everything again
-    assert hours_run_since(marker) == [START + k * HOUR for k in range(12)]
+    assert run_since(marker) == everything
 
 
 # ---- 7, 8: status on a narrow terminal, and its default window --------------------------------------
@@ -348,3 +348,53 @@ def test_backfill_and_catch_up_dry_runs_show_the_plan_and_change_nothing(db_url,
     assert catch["dry_run"] and any(p["bucket"] == iso(START) and p["reason"] == "dirty"
                                     for p in catch["plan"]["hourly"])
     assert counts(conn) == before
+
+
+# ---- 16: runs you can find ------------------------------------------------------------------------------
+
+def test_runs_filters_and_what_is_failing_now(db_url, conn):
+    seed(db_url, START, 3)
+    assert cli("backfill", "--from", iso(START), "--to", iso(START + 2 * HOUR), "--rollups", "hourly").code == 0
+    conn.execute("UPDATE analytics.aggregation_runs SET started_at = started_at - interval '3 hours', "
+                 "finished_at = finished_at - interval '3 hours'")  # the backfill ran before the current hour
+    conn.execute("""CREATE FUNCTION public.t_boom() RETURNS trigger LANGUAGE plpgsql AS $$
+                    BEGIN RAISE EXCEPTION 'boom' USING ERRCODE = '22000'; END $$;
+                    CREATE TRIGGER t_boom BEFORE INSERT OR UPDATE ON analytics.credit_consumption_hourly
+                    FOR EACH ROW EXECUTE FUNCTION public.t_boom()""")
+    since = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    # hour 2 fails twice, hour 0 once then heals: only hour 2 is failing now
+    for hour in (START + 2 * HOUR, START + 2 * HOUR, START):
+        assert cli("run", "hourly", "--hour", iso(hour), "--step", "credit_consumption").code == 1
+    conn.execute("DROP TRIGGER t_boom ON analytics.credit_consumption_hourly")
+    assert cli("run", "hourly", "--hour", iso(START), "--step", "credit_consumption").code == 0
+
+    def rows(*args):
+        p = run("runs", "--json", "--limit", "1000", *args, env={"TALLY_DATABASE_URL": db_url})
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    everything = rows()
+    assert len(everything) == len(conn.execute("SELECT id FROM analytics.aggregation_runs").fetchall())
+    failed = rows("--failed")
+    assert [(r["bucket"], r["step"]) for r in failed] == [(iso(START), "credit_consumption")] + \
+        [(iso(START + 2 * HOUR), "credit_consumption")] * 2
+    assert rows("--status", "failed") == failed
+    failing = rows("--failing")  # the latest attempt of each failing (step, bucket) only
+    assert [(r["bucket"], r["step"], r["attempt"]) for r in failing] == [(iso(START + 2 * HOUR), "credit_consumption", 2)]
+    assert all(r["step"] == "user_activity" for r in rows("--step", "user_activity"))
+    assert {r["trigger"] for r in rows("--trigger", "backfill")} == {"backfill"}
+    assert {r["trigger"] for r in rows("--trigger", "manual")} == {"manual"}
+    assert {r["bucket"] for r in rows("--from", iso(START + HOUR), "--to", iso(START + 2 * HOUR))} == {iso(START + HOUR)}
+    assert rows("--rollup", "daily") == []
+    recent = rows("--since", iso(since))
+    assert {r["trigger"] for r in recent} == {"manual"} and all(r["started_at"] >= since.isoformat() for r in recent)
+    assert rows("--since", iso(since + 2 * HOUR)) == []
+    text = run("runs", "--failing", env={"TALLY_DATABASE_URL": db_url, "COLUMNS": "80"})
+    assert text.returncode == 0 and "credit_consumption" in text.stdout and "boom" in text.stdout
+    for bad, named in ((["--status", "done"], "'done'"), (["--rollup", "yearly"], "'yearly'"),
+                       (["--step", "nope"], "'nope'"), (["--trigger", "cron"], "'cron'"),
+                       (["--since", "yesterday"], "'yesterday'"),
+                       (["--from", iso(START + HOUR), "--to", iso(START)], iso(START + HOUR)[:13]),
+                       (["--failed", "--status", "succeeded"], "succeeded")):
+        p = run("runs", *bad, env={"TALLY_DATABASE_URL": db_url})
+        assert p.returncode == 2 and named in one_line_error(p), (bad, p.stderr)

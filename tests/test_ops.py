@@ -64,8 +64,9 @@ def test_an_interrupted_backfill_resumes_without_redoing_finished_steps(make_db,
     monkeypatch.setenv("TALLY_DATABASE_URL", clean_url)
     assert cli("backfill", *span(72)).code == 0
 
-    # The test holds the lock of one step in the middle, so the backfill is at a known point
-    # (blocked inside hour 30's first step) when the signal arrives.
+    # The test holds the lock of one step in the middle, so the backfill is at a known point when
+    # the signal arrives: day 1 done (its hours in chunks, step by step), and day 2's chunk of
+    # execution_metrics gone hour by hour (a lock was busy) up to hour 30, which waits for it.
     stop_at = START + 30 * HOUR
     key = key_of("execution_metrics", stop_at)
     errors = tmp_path / "stderr"
@@ -84,17 +85,20 @@ def test_an_interrupted_backfill_resumes_without_redoing_finished_steps(make_db,
 
     order = every_step(START, START + 72 * HOUR)
     waiting = ("hourly", "execution_metrics", stop_at)
-    done_before = order[: order.index(waiting)]  # hours 0-29 and day 1
+    done_before = [s for s in order if s[2] < START + 24 * HOUR] + [  # day 1, then day 2's first step
+        ("hourly", "execution_metrics", START + k * HOUR) for k in range(24, 30)]
     assert {r[4] for r in first} == {"succeeded"}
     if sig == signal.SIGINT:
         assert code == 130
         assert "run the same command again to continue" in proc.stdout.read()
         # the step that waited for its lock went on once it got it and finished: a clean stop
-        assert [(r[1], r[2], r[3]) for r in first] == done_before + [waiting]
+        assert sorted((r[1], r[2], r[3]) for r in first) == sorted(done_before + [waiting])
     else:
         assert code == -signal.SIGKILL
         # killed while it waited for the lock: that attempt had not begun, so it left no row
-        assert [(r[1], r[2], r[3]) for r in first] == done_before
+        assert sorted((r[1], r[2], r[3]) for r in first) == sorted(done_before)
+    day_one = next(r[0] for r in first if r[1] == "daily")
+    assert all(r[0] < day_one for r in first if r[1] == "hourly" and r[3] < START + 24 * HOUR)  # hours first
 
     monkeypatch.setenv("TALLY_DATABASE_URL", url)
     again = cli("backfill", *span(72))
@@ -116,7 +120,10 @@ def test_backfill_skips_what_is_done_reruns_what_changed_and_forces(db_url, conn
     first = cli("backfill", *span(48))
     assert first.code == 0, first.err
     rows = ledger(conn)
-    assert [(r[1], r[2], r[3]) for r in rows] == every_step(START, START + 48 * HOUR)  # hours before their day
+    assert sorted((r[1], r[2], r[3]) for r in rows) == sorted(every_step(START, START + 48 * HOUR))
+    for day in (START, START + 24 * HOUR):  # every hour before the day that holds it
+        day_id = next(r[0] for r in rows if r[1] == "daily" and r[3] == day)
+        assert all(r[0] < day_id for r in rows if r[1] == "hourly" and day <= r[3] < day + 24 * HOUR)
     assert {(r[4], r[5]) for r in rows} == {("succeeded", "backfill")}
     assert "50 ran, 0 already done" in first.out
 
@@ -162,7 +169,7 @@ def test_backfill_queue_with_two_workers_gives_the_data_of_a_direct_run(broker, 
         for w in workers:
             w.stop()
     report = json.loads(queued.out)
-    assert (report["queued"], report["done"], report["failed"]) == (25, 25, [])
+    assert (report["queued"], report["done"], report["failed"]) == (2, 25, [])  # the 24 hours in one task
     with psycopg.connect(url, autocommit=True) as conn, psycopg.connect(clean_url, autocommit=True) as clean:
         runs = conn.execute("SELECT rollup, step, bucket_start, status, trigger, task_id, id "
                             "FROM analytics.aggregation_runs ORDER BY id").fetchall()

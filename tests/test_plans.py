@@ -138,7 +138,8 @@ def test_stale_key_removal_and_upserts_use_the_hour_key(plan_db):
         table = STEPS[step_name].table
         for read in reads_of(plan(plan_db, step_name, DAY + 10 * HOUR), table):
             assert read["type"] in ("Index Scan", "Index Only Scan", "Bitmap Heap Scan"), (step_name, read)
-            assert "hour =" in read["index_cond"], (step_name, read)
+            assert "hour =" in read["index_cond"] or ("hour >=" in read["index_cond"]
+                                                      and "hour <" in read["index_cond"]), (step_name, read)
 
 
 def test_period_preparation_reads_states_by_index_and_probes_each_unknown_hour_once(plan_db):

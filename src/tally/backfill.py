@@ -44,10 +44,10 @@ def pending_steps(conn: psycopg.Connection, bucket: Bucket, force: bool = False,
     return P.forced(bs, unseal) if force else P.work(bs)
 
 
-def _done_since(bs: S.BucketState, since: dt.datetime) -> bool:
-    """Every step of the bucket succeeded after ``since`` (a resumed forced backfill did it)."""
-    return all(st.facts is not None and st.facts.ok_started_at is not None and st.facts.ok_started_at >= since
-               and st.state in S.DONE for st in bs.steps.values())
+def _done_since(st: S.StepState, since: dt.datetime) -> bool:
+    """The step succeeded after ``since`` (the forced backfill being resumed did it) and is done."""
+    return (st.facts is not None and st.facts.ok_started_at is not None and st.facts.ok_started_at >= since
+            and st.state in S.DONE)
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Backfill:
     Buckets that have not ended by ``now`` are left (``report.left_open``) unless
     ``allow_open``. A forced backfill is resumable: it is recorded in
     analytics.backfill_runs by its range and rollups, and the identical command run
-    after an interruption does not force again the buckets every step of which
+    after an interruption does not force again the steps of buckets that
     succeeded after the interrupted run began; once one has finished, the identical
     command forces everything again.
     """
@@ -153,10 +153,10 @@ class Backfill:
     def steps_for(self, conn: psycopg.Connection, bucket: Bucket, since: dt.datetime | None) -> list[str]:
         """The steps this backfill runs for ``bucket`` (none: it is done)."""
         bs = S.of(conn, bucket)
-        if self.force and since is not None and _done_since(bs, since):
-            return []  # forced already, by the run this one resumes
         steps = P.forced(bs, self.unseal) if self.force else P.work(bs)
-        if self.force and not steps and bs.where(S.State.SEALED):
+        if self.force and since is not None:  # forced already by the run this one resumes: not again
+            steps = [s for s in steps if not _done_since(bs.steps[s], since)]
+        if self.force and not steps and bs.where(S.State.SEALED) and since is None:
             self.report.sealed += 1
         return steps
 
@@ -169,12 +169,38 @@ class Backfill:
             S.reap(conn)
             self._check_unseal(conn)
             run_id, since = self._resume(conn) if self.force else (None, None)
+            hours: list[tuple[Bucket, list[str]]] = []  # run together, in set-based chunks
+
+            def run_hours() -> bool:
+                """The hours gathered so far; False if a stop came."""
+                if hours:
+                    self.report.current = f"{hours[0][0]} .. {hours[-1][0].label}"
+                    self.on_update(self.report)
+                    for result in runner.run_hours(hours):
+                        if result.stopped:
+                            return False
+                        self.report.ran += 1
+                        self.report.done += 1
+                    hours.clear()
+                    self.on_update(self.report)
+                return True
+
             for bucket in work:
                 if self._stop:
                     break
+                steps = self.steps_for(conn, bucket, since) if bucket.grain.parts is None else None
+                if steps is not None:
+                    if steps:
+                        hours.append((bucket, steps))
+                    else:
+                        self.report.skipped += 1
+                        self.report.done += 1
+                    continue
+                if not run_hours():  # a period after the hours it holds
+                    break
                 self.report.current = str(bucket)
                 self.on_update(self.report)
-                steps = self.steps_for(conn, bucket, since)  # a period: after its hours ran
+                steps = self.steps_for(conn, bucket, since)
                 if steps:
                     result = runner.run(bucket, steps)
                     self.report.ran += 1
@@ -184,6 +210,8 @@ class Backfill:
                     self.report.skipped += 1
                 self.report.done += 1
                 self.on_update(self.report)
+            else:
+                run_hours()
             if run_id is not None and not self._stop:
                 conn.execute(query("backfill_finish"), dict(id=run_id))
         self.report.stopped = self._stop
@@ -250,10 +278,17 @@ class Backfill:
                             self.report.skipped += 1
                             self.report.done += 1
                 sent = {}
-                for bucket in sorted(wanted, key=lambda b: (b.end, _RANK[b.rollup])):
+                options = {"force": self.force, "unseal": self.unseal, "allow_open": self.allow_open}
+                hours = sorted(b for b in wanted if b.grain.parts is None)
+                for chunk in _chunks_of(hours, QUEUE_CHUNK_HOURS):  # hours: a task per chunk, set-based
+                    task = app.send_task("tally.backfill_hours", args=[chunk[0].start.isoformat(),
+                                                                       chunk[-1].end.isoformat()], kwargs=options)
+                    sent.update({b: task for b in chunk})
+                    self.report.queued += 1
+                for bucket in sorted((b for b in wanted if b.grain.parts is not None),
+                                     key=lambda b: (b.end, _RANK[b.rollup])):
                     sent[bucket] = app.send_task("tally.backfill_bucket", args=[bucket.rollup, bucket.label],
-                                                 kwargs={"force": self.force, "unseal": self.unseal,
-                                                         "allow_open": self.allow_open})
+                                                 kwargs=options)
                     self.report.queued += 1
                 self.on_update(self.report)
                 self._wait(conn, rollups, wanted, sent, marker, poll)
@@ -297,6 +332,20 @@ class Backfill:
             self.on_update(self.report)
             if waiting:
                 time.sleep(poll)
+
+
+QUEUE_CHUNK_HOURS = 24  # hours a tally.backfill_hours task runs: workers share a range by days
+
+
+def _chunks_of(hours: list[Bucket], width: int) -> list[list[Bucket]]:
+    """Consecutive hours in pieces of at most ``width`` hours (a gap starts a new piece)."""
+    chunks: list[list[Bucket]] = []
+    for b in hours:
+        if chunks and chunks[-1][-1].end == b.start and len(chunks[-1]) < width:
+            chunks[-1].append(b)
+        else:
+            chunks.append([b])
+    return chunks
 
 
 def _final_failure(result) -> str | None:

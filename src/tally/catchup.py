@@ -24,7 +24,7 @@ from . import buckets as B
 from . import plan as P
 from . import state as S
 from .config import settings
-from .db import connect, database_url
+from .db import database_url
 from .plan import Planned, Window
 from .rollups import RollupResult, Runner
 
@@ -93,7 +93,7 @@ def catch_up(url: str | None = None, *, trigger: str = "catch-up", now: dt.datet
              days: int | None = None, task_id: str | None = None, lock_wait: float | None = None,
              on_plan: Callable[[str, list[Planned]], None] | None = None, dry_run: bool = False,
              should_stop: Callable[[], bool] | None = None,
-             stop_on: tuple[type[BaseException], ...] = ()) -> CatchUpResult:
+             stop_on: tuple[type[BaseException], ...] = (), pooled: bool = False) -> CatchUpResult:
     """Re-aggregate every dirty, missing or failed hour, then the days, weeks and months due.
 
     ``now`` (default: the current time) decides which buckets are complete and where the
@@ -102,6 +102,7 @@ def catch_up(url: str | None = None, *, trigger: str = "catch-up", now: dt.datet
     each bucket. A failed step does not stop the catch-up: see ``result.ok``/``.failed``.
     ``dry_run``: plan every phase and run nothing (a period's plan then does not know
     which hours this catch-up would re-aggregate: it lists the periods that contain them).
+    ``pooled``: borrow connections from this process's pool (a worker) instead of opening them.
     """
     now = (now or dt.datetime.now(B.UTC))
     now = (now if now.tzinfo else now.replace(tzinfo=B.UTC)).astimezone(B.UTC)
@@ -111,9 +112,8 @@ def catch_up(url: str | None = None, *, trigger: str = "catch-up", now: dt.datet
     result = CatchUpResult(now=now, window_start=window.start, dry_run=dry_run)
 
     with Runner(url, trigger=trigger, task_id=task_id, lock_wait=lock_wait, should_stop=should_stop,
-                stop_on=stop_on) as runner, \
-            connect(url, autocommit=True) as conn:
-        conn.execute("SET TIME ZONE 'UTC'")
+                stop_on=stop_on, pooled=pooled) as runner:
+        conn = runner.ledger.conn  # autocommit, UTC: planning reads and state writes
         reaped = S.reap(conn) if not dry_run else 0
         if reaped:
             log.warning("catch-up: %d abandoned attempt(s) marked failed", reaped)
@@ -133,15 +133,15 @@ def catch_up(url: str | None = None, *, trigger: str = "catch-up", now: dt.datet
                 on_plan(rollup, planned)
             if dry_run:
                 continue
-            for p in planned:
-                if runner.stopping():
+            if B.grain(rollup).parts is None:  # the hours together, in set-based chunks
+                ran = runner.run_hours([(p.bucket, list(p.steps)) for p in planned])
+            else:
+                ran = (runner.run(p.bucket, p.steps) for p in planned)
+            for r in ran:
+                if r.stopped or runner.stopping():
                     result.stopped = True
                     return result
-                r = runner.run(p.bucket, p.steps)
                 result.buckets.append(r)
                 if on_bucket is not None:
                     on_bucket(r)
-                if r.stopped:
-                    result.stopped = True
-                    return result
     return result

@@ -483,18 +483,43 @@ def status(
 
 
 @app.command()
-def runs(failed: bool = typer.Option(False, "--failed", help="Only failed attempts."),
+def runs(failed: bool = typer.Option(False, "--failed", help="Only failed attempts (same as --status failed)."),
+         failing: bool = typer.Option(False, "--failing", help="What is failing now: of each step of each "
+                                      "bucket, its latest attempt, if it failed."),
+         rollup: Optional[str] = typer.Option(None, "--rollup", help="Only this rollup (hourly, daily, weekly, "
+                                              "monthly)."),
+         step: Optional[str] = typer.Option(None, "--step", help="Only this step."),
+         status_: Optional[str] = typer.Option(None, "--status", help="Only attempts in this status: running, "
+                                               "succeeded, failed, skipped."),
+         trigger: Optional[str] = typer.Option(None, "--trigger", help="Only attempts of this trigger (schedule, "
+                                               "manual, backfill, retry, catch-up)."),
+         from_: Optional[str] = typer.Option(None, "--from", help="Only buckets that end after this time "
+                                             "(bucket time, ISO 8601)."),
+         to: Optional[str] = typer.Option(None, "--to", help="Only buckets that start before this time "
+                                          "(bucket time, ISO 8601)."),
+         since: Optional[str] = typer.Option(None, "--since", help="Only attempts started at or after this "
+                                             "time (attempt time, ISO 8601)."),
          limit: int = typer.Option(50, min=1, max=100000, help="How many rows."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """The run ledger, newest first: duration, rows, attempt, trigger, the error's first line."""
+    """The run ledger, newest first: duration, rows, attempt, trigger, the error's first line.
+
+    Filters combine (all must hold). --from/--to select by the bucket's time, --since by
+    when the attempt started.
+    """
     from . import ledger
     from . import state as S
     from .db import connection
 
+    if failed and status_ not in (None, "failed"):
+        raise InvalidInput(f"--failed and --status {status_} contradict each other")
+    filters = dict(rollup=rollup, step=step, status=status_ or ("failed" if failed else None), trigger=trigger,
+                   start=B.parse_time(from_, "--from") if from_ is not None else None,
+                   end=B.parse_time(to, "--to") if to is not None else None,
+                   since=B.parse_time(since, "--since") if since is not None else None, failing=failing)
     url = say_database()
     with connection(url, autocommit=True) as conn:
         S.reap(conn)
-        rows = ledger.runs(conn, failed=failed, limit=limit)
+        rows = ledger.find_runs(conn, limit=limit, **filters)
     if as_json:
         _emit_json(rows)
         return

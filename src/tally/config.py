@@ -143,5 +143,13 @@ class Settings:
         return self
 
 
+_cached: tuple[tuple, Settings] | None = None
+
+
 def settings() -> Settings:
-    return Settings.from_env()
+    """The settings of the current environment (read again whenever it changed)."""
+    global _cached
+    key = tuple(getattr(os.environ, "_data", os.environ).items())  # raw bytes: no decoding per call
+    if _cached is None or _cached[0] != key:
+        _cached = (key, Settings.from_env())
+    return _cached[1]

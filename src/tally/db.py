@@ -7,6 +7,7 @@ running for the next command (``tally db stop`` stops it).
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import urllib.parse
 import warnings
@@ -97,6 +98,79 @@ def connect(url: str | None = None, *, autocommit: bool = False, **kwargs) -> ps
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise Unreachable(f"cannot reach {redact(url)}: {scrub(first, url)}") from None
+
+
+_pools: dict[tuple[int, str], object] = {}
+
+
+def pool(url: str):
+    """This process's pool of autocommit UTC connections to ``url`` (a worker keeps its
+    connections across tasks; a connection found dead — a database restart — is replaced
+    when lent). Made on first use in each process: a forked worker child makes its own."""
+    key = (os.getpid(), url)
+    if key not in _pools:
+        from psycopg_pool import ConnectionPool
+
+        def configure(conn: psycopg.Connection) -> None:
+            conn.execute("SET TIME ZONE 'UTC'")
+
+        _pools[key] = ConnectionPool(url, min_size=0, max_size=4, timeout=10, name="tally",
+                                     check=_check, configure=configure,
+                                     kwargs=dict(autocommit=True, connect_timeout=10, application_name="tally"))
+    return _pools[key]
+
+
+def _check(conn: psycopg.Connection) -> None:
+    """Before a pooled connection is lent: an idle connection has nothing to read unless the
+    server said something (it is shutting down, it closed the socket, a notice); only then
+    does it cost a round trip to find out whether it still works (raises if not)."""
+    import select
+
+    from psycopg_pool import ConnectionPool
+
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("connection closed")
+    if select.select([conn.fileno()], [], [], 0)[0]:
+        ConnectionPool.check_connection(conn)
+
+
+class Session:
+    """One autocommit UTC connection, opened on first use and again when found broken: its own,
+    or lent by this process's pool (``pooled``) and given back on :meth:`release`."""
+
+    def __init__(self, url: str, pooled: bool = False):
+        self.url = url
+        self.pooled = pooled
+        self._conn: psycopg.Connection | None = None
+
+    @property
+    def conn(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self.release()
+            self._conn = self._acquire()
+        return self._conn
+
+    def _acquire(self) -> psycopg.Connection:
+        if not self.pooled:
+            conn = connect(self.url, autocommit=True)
+            conn.execute("SET TIME ZONE 'UTC'")
+            return conn
+        from psycopg_pool import PoolTimeout
+
+        try:
+            return pool(self.url).getconn()
+        except PoolTimeout:
+            raise Unreachable(f"cannot reach {redact(self.url)}: no connection within 10 s") from None
+
+    def release(self) -> None:
+        """Give the connection back (pooled) or close it; the next use opens one again."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self.pooled:
+            pool(self.url).putconn(conn)  # a broken or busy one is discarded by the pool
+        else:
+            conn.close()
 
 
 @contextlib.contextmanager

@@ -6,15 +6,17 @@ concludes attempts (tally/state.py) around it.
 """
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import errors as pgerrors
 from psycopg import sql
 
-from .buckets import Bucket
+from .buckets import UTC, Bucket
 from .config import settings
 from .db import scrub
 from .steps import LN_GAMMA, LN_HALF_WIDTH, Step, lock_key
@@ -57,12 +59,23 @@ def step_settings(step: Step) -> dict[str, str | None]:
     return {**STEP_SETTINGS["*"], **STEP_SETTINGS.get(step.name, {})}
 
 
-def apply_step_settings(conn: psycopg.Connection, step: Step) -> None:
-    """SET LOCAL ``step``'s planner settings in the open transaction (None: the session's own)."""
+def apply_step_settings(conn: psycopg.Connection, step: Step, timeout: float | None = None) -> None:
+    """SET LOCAL ``step``'s planner settings (and a statement timeout of ``timeout`` s) in the
+    open transaction, in one round trip; a None is the session's own value, read once per connection."""
     tuning = step_settings(step)
-    conn.execute("SELECT set_config(s.name, coalesce(s.value, p.reset_val), true) "
-                 "FROM unnest(%s::text[], %s::text[]) AS s(name, value) JOIN pg_settings p USING (name)",
-                 [list(tuning), list(tuning.values())])
+    own = _session_values.get(conn)
+    if own is None:
+        names = sorted({n for part in STEP_SETTINGS.values() for n in part})
+        own = _session_values[conn] = dict(conn.execute(
+            "SELECT name, reset_val FROM pg_settings WHERE name = ANY(%s)", [names]).fetchall())
+    values = {name: own[name] if value is None else value for name, value in tuning.items()}
+    if timeout is not None:
+        values["statement_timeout"] = f"{int(timeout * 1000)}ms"
+    conn.execute("SELECT set_config(name, value, true) FROM unnest(%s::text[], %s::text[]) AS s(name, value)",
+                 [list(values), list(values.values())])
+
+
+_session_values: "weakref.WeakKeyDictionary[psycopg.Connection, dict[str, str]]" = weakref.WeakKeyDictionary()
 
 
 def describe_error(exc: BaseException, url: str | None = None) -> str:
@@ -77,39 +90,66 @@ def lock(conn: psycopg.Connection, step: Step, bucket: Bucket, lock_wait: float)
     """Take the (step, bucket) lock for the open transaction; raise BucketBusy after ``lock_wait`` s."""
     key = lock_key(step, int(bucket.start.timestamp()) // 3600)
     started = time.monotonic()
+    if conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", key).fetchone()[0]:
+        return 0.0  # free: the usual case, one round trip
     if lock_wait <= 0:
-        if not conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", key).fetchone()[0]:
-            raise BucketBusy(0.0)
-    else:
-        conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{int(lock_wait * 1000)}ms"])
-        try:
-            conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", key)
-        except pgerrors.LockNotAvailable:
-            raise BucketBusy(time.monotonic() - started) from None
-        conn.execute("SELECT set_config('lock_timeout', '0', true)")
+        raise BucketBusy(0.0)
+    conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{int(lock_wait * 1000)}ms"])
+    try:
+        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", key)
+    except pgerrors.LockNotAvailable:
+        raise BucketBusy(time.monotonic() - started) from None
+    conn.execute("SELECT set_config('lock_timeout', '0', true)")
     waited = time.monotonic() - started
     if waited > 1:
         log.info("%s %s: waited %.1fs for another run of this bucket", step.name, bucket, waited)
     return waited
 
 
+NOTHING = Counts(0, 0, 0)
+
+
+def try_lock(conn: psycopg.Connection, step: Step, bucket: Bucket) -> bool:
+    """Take the (step, bucket) lock for the open transaction if it is free."""
+    return conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s)",
+                        lock_key(step, int(bucket.start.timestamp()) // 3600)).fetchone()[0]
+
+
+def estimate_rows(conn: psycopg.Connection, start: dt.datetime, end: dt.datetime) -> int:
+    """The planner's estimate of the source rows of [start, end) (the larger source): what a
+    range statement over it will read, known without reading it."""
+    most = 0
+    for table, column in (("public.execution_logs", "started_at"), ("analytics.user_activity", "created_at")):
+        plan = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM {} WHERE {} >= %s AND {} < %s").format(
+            sql.Identifier(*table.split(".")), sql.Identifier(column), sql.Identifier(column)),
+            [start, end]).fetchone()[0]
+        most = max(most, int(plan[0]["Plan"]["Plan Rows"]))
+    return most
+
+
 def run_step(conn: psycopg.Connection, step: Step, bucket: Bucket) -> Counts:
     """Run ``step`` for ``bucket`` in the open transaction (its lock held); return what it wrote."""
+    return run_range(conn, step, bucket.start, bucket.end).get(bucket.start, NOTHING)
+
+
+def run_range(conn: psycopg.Connection, step: Step, start: dt.datetime, end: dt.datetime
+              ) -> dict[dt.datetime, Counts]:
+    """Run ``step`` for the buckets of [start, end) in the open transaction (their locks held):
+    one bucket, or a chunk of consecutive hours in one set-based statement, with the same
+    rows as hour by hour. Returns what it wrote, per bucket start (absent: nothing)."""
     timeout = settings().statement_timeout_of(step.name)
-    if timeout > 0:
-        conn.execute("SELECT set_config('statement_timeout', %s, true)", [f"{int(timeout * 1000)}ms"])
-    apply_step_settings(conn, step)
-    params = dict(start=bucket.start, end=bucket.end, bucket=bucket.start.date(),
-                  ln_gamma=LN_GAMMA, ln_half_width=LN_HALF_WIDTH)
-    first_run = False
-    if step.reads_separately:
-        # under the bucket's lock: no other run can add this hour's rows before we commit
-        first_run = not conn.execute(
-            sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE hour = %s)").format(
-                sql.Identifier("analytics", step.table)), [bucket.start]).fetchone()[0]
-        # a utility statement takes no bound parameters: the bucket's times and the sketch's
-        # constant are quoted client-side (they come from Bucket and steps.py, never from text)
-        with psycopg.ClientCursor(conn) as cur:
-            cur.execute(step.materialize_statement(), params)
-    rows, changed, removed = conn.execute(step.statement(first_run), params).fetchone()
-    return Counts(rows, changed, removed)
+    apply_step_settings(conn, step, timeout if timeout > 0 else None)
+    params = dict(start=start, end=end, bucket=start.date(), ln_gamma=LN_GAMMA, ln_half_width=LN_HALF_WIDTH)
+    if not step.reads_separately:  # a day, week or month: one bucket
+        rows, changed, removed = conn.execute(step.statement(), params).fetchone()
+        return {start: Counts(rows, changed, removed)}
+    # under the hours' locks: no other run can add their rows before we commit
+    first_run = not conn.execute(
+        sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE hour >= %s AND hour < %s)").format(
+            sql.Identifier("analytics", step.table)), [start, end]).fetchone()[0]
+    # a utility statement takes no bound parameters: the buckets' times and the sketch's
+    # constant are quoted client-side (they come from Bucket and steps.py, never from text)
+    with psycopg.ClientCursor(conn) as cur:
+        cur.execute(step.materialize_statement(), params)
+    return {hour.astimezone(UTC): Counts(rows, changed, removed)
+            for hour, rows, changed, removed in conn.execute(step.statement(first_run), params)}

@@ -13,7 +13,7 @@ from typing import Callable, TypeVar
 import psycopg
 
 from . import buckets as B
-from .db import connect
+from .db import Session
 from .errors import InvalidInput
 from .queries import query
 from .steps import STEPS
@@ -24,38 +24,24 @@ T = TypeVar("T")
 class Ledger:
     """A dedicated autocommit connection for ledger and state writes, reconnected once if lost."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, pooled: bool = False):
         self.url = url
-        self._conn: psycopg.Connection | None = None
+        self.session = Session(url, pooled)
 
     @property
     def conn(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = connect(self.url, autocommit=True)
-            self._conn.execute("SET TIME ZONE 'UTC'")
-        return self._conn
+        return self.session.conn
 
     def call(self, fn: Callable[..., T], *args, **kwargs) -> T:
         """``fn(conn, ...)``; one reconnect: a failure must be recorded even after the server dropped us."""
         try:
             return fn(self.conn, *args, **kwargs)
         except psycopg.OperationalError:
-            if self._conn is not None:
-                self._conn.close()
-            self._conn = None
+            self.session.release()
             return fn(self.conn, *args, **kwargs)
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
-def runs(conn: psycopg.Connection, *, failed: bool = False, limit: int = 50) -> list[dict]:
-    """Ledger rows, newest first (only failed attempts with ``failed``)."""
-    cur = conn.execute(query("ops_runs"), dict(failed=failed, limit=limit))
-    cols = [c.name for c in cur.description]
-    return [dict(zip(cols, r)) for r in cur.fetchall()]
+        self.session.release()
 
 
 def marker(conn: psycopg.Connection) -> int:
@@ -68,12 +54,13 @@ STATUSES = ("running", "succeeded", "failed", "skipped")  # the ledger's CHECK c
 
 def find_runs(conn: psycopg.Connection, *, rollup: str | None = None, step: str | None = None,
               status: str | None = None, trigger: str | None = None, start: dt.datetime | None = None,
-              end: dt.datetime | None = None, since: dt.datetime | None = None, limit: int = 50,
-              offset: int = 0) -> list[dict]:
+              end: dt.datetime | None = None, since: dt.datetime | None = None, failing: bool = False,
+              limit: int = 50, offset: int = 0) -> list[dict]:
     """Ledger rows, newest first, filtered and paginated (every filter optional).
 
     ``rollup``, ``step``, ``status``, ``trigger``: equal to; ``start``/``end``: buckets that
-    overlap [start, end); ``since``: attempts started at or after it. A value that names no
+    overlap [start, end); ``since``: attempts started at or after it; ``failing``: what is failing
+    now, the latest attempt of each (step, bucket) whose state is failed. A value that names no
     rollup, step, status or trigger is invalid input (one line), checked before any query.
     """
     from .rollups import TRIGGERS  # rollups imports this module
@@ -90,11 +77,12 @@ def find_runs(conn: psycopg.Connection, *, rollup: str | None = None, step: str 
         raise InvalidInput(f"unknown trigger {trigger!r} (expected one of {', '.join(TRIGGERS)})")
     if start is not None and end is not None and start >= end:
         raise InvalidInput(f"invalid range: {start.isoformat()} is not before {end.isoformat()}")
-    if not 1 <= limit <= 10_000:
-        raise InvalidInput(f"invalid limit {limit}: expected 1 to 10000")
+    if not 1 <= limit <= 100_000:
+        raise InvalidInput(f"invalid limit {limit}: expected 1 to 100000")
     if offset < 0:
         raise InvalidInput(f"invalid offset {offset}: expected 0 or more")
     cur = conn.execute(query("console_runs"), dict(rollup=rollup, step=step, status=status, trigger=trigger,
-                                                   start=start, end=end, since=since, limit=limit, offset=offset))
+                                                   start=start, end=end, since=since, failing=failing, limit=limit,
+                                                   offset=offset))
     cols = [c.name for c in cur.description]
     return [dict(zip(cols, r)) for r in cur.fetchall()]

@@ -66,8 +66,7 @@ def purged_under(conn: psycopg.Connection, start: dt.datetime, end: dt.datetime)
 def check_sealed(conn: psycopg.Connection, bucket: Bucket, steps: list[str] | tuple[str, ...], unseal: bool) -> None:
     """An explicit run of ``steps`` of ``bucket``: a sealed one needs ``unseal``, and is refused even
     then if retention purged what it is built from (re-aggregating would erase its history)."""
-    bs = S.of(conn, bucket)
-    sealed = [s for s in steps if bs[s] is State.SEALED]
+    sealed = S.sealed_steps(conn, bucket) & set(steps)
     if not sealed:
         return
     if not unseal:

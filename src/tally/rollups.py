@@ -18,6 +18,7 @@ The parts, each in its own room:
 """
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 import uuid
@@ -33,10 +34,10 @@ from . import plan as P
 from . import state as S
 from .buckets import Bucket
 from .config import settings
-from .db import connect, database_url
+from .db import Session, database_url
 from .errors import InvalidInput, TallyError
 from .ledger import Ledger
-from .steps import PERIOD_INPUTS, Step, steps_of
+from .steps import PERIOD_INPUTS, STEPS, Step, steps_of
 
 log = logging.getLogger("tally")
 
@@ -44,8 +45,29 @@ TRIGGERS = ("schedule", "manual", "backfill", "retry", "catch-up")
 INTERRUPTED = "interrupted before commit; rolled back"
 
 
+# Range execution (Runner.run_hours): a chunk reads at most this many source rows (the planner's
+# estimate), and spans at most this many hours. Measured in docs/PERFORMANCE.md.
+CHUNK_ROWS = 600_000
+MAX_CHUNK_HOURS = 24
+
+
 class StepFailed(TallyError):
     """A single step (called through the step API) failed; its ledger row says why."""
+
+
+class _Stop(Exception):
+    """A stop was asked for between two steps of run_hours."""
+
+
+def _consecutive(buckets: list[Bucket]) -> list[list[Bucket]]:
+    """``buckets`` (in order) split where one does not start at the end of the one before."""
+    runs: list[list[Bucket]] = []
+    for b in buckets:
+        if runs and runs[-1][-1].end == b.start:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return runs
 
 
 @dataclass
@@ -115,7 +137,7 @@ class Runner:
 
     def __init__(self, url: str | None = None, *, trigger: str = "manual", task_id: str | None = None,
                  lock_wait: float | None = None, should_stop: Callable[[], bool] | None = None,
-                 stop_on: tuple[type[BaseException], ...] = (),
+                 stop_on: tuple[type[BaseException], ...] = (), pooled: bool = False,
                  on_step: Callable[[Bucket, StepResult], None] | None = None):
         if trigger not in TRIGGERS:
             raise InvalidInput(f"unknown trigger {trigger!r} (expected one of {', '.join(TRIGGERS)})")
@@ -126,26 +148,20 @@ class Runner:
         self.should_stop = should_stop or (lambda: False)
         self.stop_on = stop_on
         self.on_step = on_step  # told of every concluded step (progress views); it must not raise
-        self.ledger = Ledger(self.url)
-        self._data: psycopg.Connection | None = None
+        self.ledger = Ledger(self.url, pooled)  # pooled: a worker keeps its connections across tasks
+        self._data = Session(self.url, pooled)
         self._halted = False  # an exception of stop_on ended a step
 
     # -- connections -------------------------------------------------------------------
     @property
     def data(self) -> psycopg.Connection:
-        if self._data is None or self._data.closed or self._data.broken:
-            if self._data is not None:
-                self._data.close()
-            self._data = connect(self.url, autocommit=True)
-            self._data.execute("SET TIME ZONE 'UTC'")
-        return self._data
+        return self._data.conn
 
     def close(self) -> None:
-        if self._data is not None:
-            if self._halted:  # a step was cut mid-statement: it may still run (and hold locks) on the server
-                self._data.cancel_safe()
-            self._data.close()
-            self._data = None
+        if self._halted and self._data._conn is not None:
+            # a step was cut mid-statement: it may still run (and hold locks) on the server
+            self._data._conn.cancel_safe()
+        self._data.release()
         self.ledger.close()
 
     def __enter__(self) -> "Runner":
@@ -203,11 +219,7 @@ class Runner:
         except Exception as exc:  # the period cannot even be planned: its steps' failure
             return f"inputs not ready: {X.describe_error(exc, self.url)}"
         failed: list[str] = []
-        for planned in todo:
-            if self.stopping():
-                result.stopped = True
-                return None
-            hourly = self.run(planned.bucket, planned.steps, prepare=False)
+        for hourly in self.run_hours([(p.bucket, list(p.steps)) for p in todo]):
             result.prepared.append(hourly)
             if hourly.stopped:
                 result.stopped = True
@@ -218,6 +230,80 @@ class Runner:
             return (f"inputs not ready: {len(failed)} hour(s) of {period.label} could not be aggregated "
                     f"(first: {failed[0]}); see `tally runs --failed`")
         return None
+
+    # -- many hours: set-based chunks ----------------------------------------------------------
+    def run_hours(self, work: list[tuple[Bucket, list[str]]]) -> list[RollupResult]:
+        """Run hours, each with the steps it needs, in set-based chunks of consecutive hours.
+
+        For each chunk and step, one statement aggregates every hour of the chunk, and one
+        transaction holds its rows, the ledger rows and the states of those hours, under
+        the locks of every (step, hour), taken in time order. The outputs are the same as
+        hour by hour, bit for bit. A chunk that cannot run whole (a lock busy, a failure)
+        runs again hour by hour, so a failing hour is isolated and the others commit. A
+        single hour runs as :meth:`run` does. Returns one result per hour, in order.
+        """
+        work = sorted(work, key=lambda w: w[0])
+        results = {b: RollupResult(uuid.uuid4(), b, False) for b, _ in work}
+        if not work:
+            return []
+        hours = [b.start for b, _ in work]
+        self.ledger.call(S.claim_marks, hours, {STEPS[s].source for _, steps in work for s in steps})
+        try:
+            for chunk in self._chunks(work):
+                for step in steps_of(B.HOUR.rollup):
+                    for run in _consecutive([b for b, steps in chunk if step.name in steps]):
+                        if len(run) > 1 and not self.stopping() and self._run_range(step, run, results):
+                            continue
+                        for b in run:  # one hour, or a chunk that could not run whole
+                            if self.stopping():
+                                raise _Stop
+                            self._run_one(b, step, results[b])
+        except _Stop:
+            for r in results.values():
+                r.stopped = True
+        self.ledger.call(S.clear_marks, hours)
+        return [results[b] for b, _ in work]
+
+    def _chunks(self, work: list[tuple[Bucket, list[str]]]) -> list[list[tuple[Bucket, list[str]]]]:
+        """Consecutive pieces of ``work`` of at most CHUNK_ROWS source rows an hour's worth
+        (by the planner's estimate of the span) and at most MAX_CHUNK_HOURS hours."""
+        first, last = work[0][0].start, work[-1][0].end
+        per_hour = max(1, X.estimate_rows(self.data, first, last) // max(1, len(work)))
+        width = max(1, min(MAX_CHUNK_HOURS, CHUNK_ROWS // per_hour))
+        chunks: list[list[tuple[Bucket, list[str]]]] = []
+        for item in work:
+            if chunks and item[0].start < chunks[-1][0][0].start + dt.timedelta(hours=width):
+                chunks[-1].append(item)
+            else:
+                chunks.append([item])
+        return chunks
+
+    def _run_range(self, step: Step, hours: list[Bucket], results: dict[Bucket, RollupResult]) -> bool:
+        """One chunk of one step in one transaction; False (nothing recorded) if it must go hour by hour."""
+        conn = self.data
+        t0 = time.monotonic()
+        try:
+            with conn.transaction():
+                if not all(X.try_lock(conn, step, b) for b in hours):
+                    raise X.BucketBusy(0.0)  # another run holds one of them: hour by hour, waiting as usual
+                started = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+                counts = X.run_range(conn, step, hours[0].start, hours[-1].end)
+                attempts = S.done(conn, self._run_info(results[hours[0]]), step.name, hours,
+                                  [counts.get(b.start, X.NOTHING).rows for b in hours], started,
+                                  conn.info.backend_pid)
+        except Exception as exc:
+            if isinstance(exc, self.stop_on):  # a task's time limit: nothing of the chunk stays
+                self._halted = True
+                return True
+            log.info("%s %s .. %s: %s; hour by hour instead", step.name, hours[0].label, hours[-1].label,
+                     "a lock was busy" if isinstance(exc, X.BucketBusy) else X.describe_error(exc, self.url))
+            return False
+        seconds = (time.monotonic() - t0) / len(hours)
+        for attempt in attempts:
+            b = attempt.bucket
+            self._conclude(results[b], step.name, attempt,
+                           _Outcome("succeeded", counts=counts.get(b.start, X.NOTHING), seconds=seconds))
+        return True
 
     # -- attempts --------------------------------------------------------------------------
     def _run_info(self, result: RollupResult) -> S.Run:

@@ -43,6 +43,9 @@ again                                                 the period's began
 time                    ok -> sealed                  derived: no change it did not read came
                                                       before it ended + TALLY_SEAL_AFTER_DAYS;
                                                       :func:`seal` stores it
+a chunk of hours of     any -> ok                     :func:`done` (range execution: begun
+one step succeeds                                     and concluded in the chunk's own
+                                                      transaction, with its rows)
 a change to a sealed    no move                       counted (:func:`sweep_ignored`)
 bucket's rows
 ``--unseal``            sealed -> running             :func:`begin` (an attempt on purpose)
@@ -322,6 +325,15 @@ def of(conn: psycopg.Connection, bucket: Bucket) -> BucketState:
     return read(conn, bucket.rollup, [bucket])[bucket]
 
 
+def sealed_steps(conn: psycopg.Connection, bucket: Bucket, now: dt.datetime | None = None) -> set[str]:
+    """The steps of ``bucket`` that are sealed. A bucket that did not end long enough ago to be
+    sealed by :func:`read`'s rule is sealed only where a seal is stored (one index lookup: the
+    scheduled hour's task asks this every time); an older one is read whole."""
+    if bucket.end <= (now or dt.datetime.now(B.UTC)) - seal_after():
+        return {s for s, st in of(conn, bucket).steps.items() if st.state is State.SEALED}
+    return {step for step, in conn.execute(query("stored_seals"), dict(rollup=bucket.rollup, start=bucket.start))}
+
+
 def starts_in(conn: psycopg.Connection, rollup: str, states: Iterable[str], since: dt.datetime | None = None
               ) -> list[Bucket]:
     """The buckets of ``rollup`` with a step whose *stored* state is one of ``states`` (oldest first);
@@ -382,6 +394,17 @@ def begin(conn: psycopg.Connection, run: Run, step: str, buckets: list[Bucket], 
 def succeed(conn: psycopg.Connection, attempts: list[Attempt], rows: list[int]) -> None:
     """Attempts succeed: call inside their data transaction, just before it commits."""
     conn.execute(query("attempts_succeeded"), dict(ids=[a.id for a in attempts], rows=rows))
+
+
+def done(conn: psycopg.Connection, run: Run, step: str, buckets: list[Bucket], rows: list[int],
+         started_at: dt.datetime, backend_pid: int | None) -> list[Attempt]:
+    """A chunk of hours of one step succeeded in one statement (call inside its transaction, its
+    locks held): ledger rows succeeded and states ok, begun and concluded together."""
+    rows_of = conn.execute(query("attempts_done"), dict(
+        run.args(buckets[0].rollup, step), starts=[b.start for b in buckets], ends=[b.end for b in buckets],
+        rows=rows, started_at=started_at, backend_pid=backend_pid)).fetchall()
+    by_start = {b.start: b for b in buckets}
+    return [Attempt(i, n, by_start[s.astimezone(B.UTC)], step, started_at) for i, s, n in rows_of]
 
 
 def fail(conn: psycopg.Connection, attempts: list[Attempt], errors: list[str], sqlstates: list[str | None],

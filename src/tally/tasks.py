@@ -272,7 +272,7 @@ def _run(task: TallyTask, bucket: B.Bucket, *, trigger: str, steps=None, atomic:
     again = _again(task)
     earlier: list[dict] = []
     with Runner(trigger="retry" if again else trigger, task_id=task.request.id,
-                stop_on=(SoftTimeLimitExceeded,)) as runner:
+                stop_on=(SoftTimeLimitExceeded,), pooled=True) as runner:
         conn = runner.ledger.conn
         if (task.request.delivery_info or {}).get("redelivered"):
             S.reap(conn)  # the dead worker's 'running' rows, once their sessions are gone
@@ -346,6 +346,34 @@ def backfill_bucket(self, rollup: str, bucket: str, force: bool = False, allow_o
     return _run(self, target, trigger="backfill", backfill_force=bool(force), unseal=bool(unseal))
 
 
+@app.task(name="tally.backfill_hours", base=TallyTask, bind=True)
+def backfill_hours(self, start: str, end: str, force: bool = False, allow_open: bool = False,
+                   unseal: bool = False) -> dict:
+    """The hours [start, end) of a backfill (ISO, on the hour), in set-based chunks: of each hour,
+    its steps that are missing, failed or dirty (all with ``force``, sealed ones too with
+    ``unseal``); a retry runs what is not done."""
+    first, last = B.parse_range(start, end, settings().max_range_days)
+    hours = list(B.within(B.HOUR.rollup, first, last))
+    _refuse_open(hours[-1], allow_open)
+    again = _again(self)
+    with Runner(trigger="retry" if again else "backfill", task_id=self.request.id,
+                stop_on=(SoftTimeLimitExceeded,), pooled=True) as runner:
+        conn = runner.ledger.conn
+        if unseal:
+            P.refuse_purged(conn, first, last, f"{B.HOUR.label(first)} .. {B.HOUR.label(last)}")
+        if (self.request.delivery_info or {}).get("redelivered"):
+            S.reap(conn)
+        states = S.read(conn, B.HOUR.rollup, hours)
+        work = [(b, steps) for b, bs in states.items()
+                if (steps := P.forced(bs, unseal) if force and not again else P.work(bs))]
+        results = runner.run_hours(work)
+    if any(r.stopped for r in results):
+        raise TransientFailure(_cut(results))
+    self.conclude(_failures(results))
+    return dict(start=first.isoformat(), end=last.isoformat(), hours=len(results),
+                failed=sum(1 for r in results if not r.ok))
+
+
 @app.task(name="tally.catch_up", base=TallyTask, bind=True)
 def catch_up(self, now: str | None = None) -> dict:
     """Every missing, failed or dirty bucket, hourly first (scheduled every hour at minute 5).
@@ -357,7 +385,7 @@ def catch_up(self, now: str | None = None) -> dict:
 
     as_of = None if now is None else B.parse_time(now, "now")
     result = run_catch_up(trigger="retry" if _again(self) else _trigger(self, "catch-up"), task_id=self.request.id, now=as_of,
-                          stop_on=(SoftTimeLimitExceeded,))
+                          stop_on=(SoftTimeLimitExceeded,), pooled=True)
     if result.stopped:
         raise TransientFailure(_cut(result.buckets))
     self.conclude(_failures(result.buckets))

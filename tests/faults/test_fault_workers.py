@@ -42,7 +42,8 @@ def test_worker_killed_mid_task_the_task_is_delivered_again(faulty, conn, make_d
     seed_hours(url, T0, HOURS)
     env = worker_env(broker, url, TALLY_VISIBILITY_TIMEOUT="4")
     day = B.bucket("daily", T0)
-    # a daily task prepares its hours first: kill it in the middle of hour 01's first INSERT
+    # a daily task prepares its hours first, in one chunk per step: kill it in the middle of the
+    # execution_metrics chunk's INSERT (at hour 01)
     gate = faults.gate("execution_metrics_hourly", H1)
     first = Worker(env, tmp_path / "first.log")
     second = None
@@ -53,24 +54,19 @@ def test_worker_killed_mid_task_the_task_is_delivered_again(faulty, conn, make_d
         faults.open(gate)  # the orphaned session finishes its INSERT, finds its client gone, rolls back
         wait_for(lambda: not conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone(),
                  TIMEOUT, "the dead worker's session to end")
-        assert [r[3] for r in ledger(conn, "hourly", H1)] == ["running"]  # until someone notices it died
-        assert conn.execute("SELECT count(*) FROM analytics.execution_metrics_hourly WHERE hour = %s",
-                            (H1,)).fetchone()[0] == 0  # never committed
+        assert ledger(conn, "hourly") == []  # the chunk commits whole, with its ledger rows: nothing
+        assert conn.execute("SELECT count(*) FROM analytics.execution_metrics_hourly").fetchone()[0] == 0
         second = Worker(env, tmp_path / "second.log")
         assert r.get(timeout=TIMEOUT)["ok"]
     finally:
         for w in (first, second):
             if w:
                 w.stop()
-    rows = ledger(conn, "hourly", H1)
-    assert [(r[1], r[3], r[4], r[5]) for r in rows] == [
-        ("execution_metrics", "failed", 1, "manual"), ("execution_metrics", "succeeded", 2, "retry"),
-        ("user_activity", "succeeded", 1, "retry"), ("credit_consumption", "succeeded", 1, "retry")]
-    assert rows[0][6].startswith("abandoned")
-    # hour 00 was finished by the first worker and not run again
-    assert [(r[1], r[3], r[5]) for r in ledger(conn, "hourly", T0)] == [
-        ("execution_metrics", "succeeded", "manual"), ("user_activity", "succeeded", "manual"),
-        ("credit_consumption", "succeeded", "manual")]
+    # the redelivered task did everything once, as a retry
+    for hour in (T0, H1):
+        assert [(r[1], r[3], r[4], r[5]) for r in ledger(conn, "hourly", hour)] == [
+            ("execution_metrics", "succeeded", 1, "retry"), ("user_activity", "succeeded", 1, "retry"),
+            ("credit_consumption", "succeeded", 1, "retry")]
     buckets = [B.bucket("hourly", h) for h in hours_of(T0, HOURS)] + [day]
     assert_same_outputs(conn, clean_outputs(make_db, T0, HOURS, buckets))
     assert_no_duplicates(conn, hours_of(T0, HOURS))

@@ -78,7 +78,7 @@ ORDER BY hour, source;
 -- console_runs --
 -- The ledger, newest first, filtered (every filter optional: NULL means any) and paginated:
 -- rollup, step, status, trigger; buckets overlapping [start, end); attempts started at or
--- after `since`. tally/ledger.py checks the values; they only ever travel as parameters.
+-- after `since`; `failing`: only the latest attempt of each (step, bucket) whose state is failed. tally/ledger.py checks the values; they only ever travel as parameters.
 SELECT id, run_id, rollup, step,
        CASE rollup WHEN 'hourly' THEN to_char(bucket_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24":00Z"')
                    WHEN 'monthly' THEN to_char(bucket_start AT TIME ZONE 'UTC', 'YYYY-MM')
@@ -93,6 +93,7 @@ WHERE (%(rollup)s::text IS NULL OR rollup = %(rollup)s::text)
   AND (%(start)s::timestamptz IS NULL OR bucket_end > %(start)s::timestamptz)
   AND (%(end)s::timestamptz IS NULL OR bucket_start < %(end)s::timestamptz)
   AND (%(since)s::timestamptz IS NULL OR started_at >= %(since)s::timestamptz)
+  AND (NOT %(failing)s OR id IN (SELECT attempt_id FROM analytics.bucket_state WHERE state = 'failed'))
 ORDER BY id DESC
 LIMIT %(limit)s OFFSET %(offset)s;
 

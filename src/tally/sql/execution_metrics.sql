@@ -1,6 +1,7 @@
 -- execution_metrics_rows --
--- One hour of public.execution_logs, aggregated by workspace: the rows execution_metrics writes.
--- Parameters: start, end (the hour, half-open), ln_gamma (the sketch's bin width).
+-- Hours [start, end) of public.execution_logs, aggregated by hour and workspace: the rows
+-- execution_metrics writes (one hour, or a chunk of consecutive hours: the same rows either way).
+-- Parameters: start, end (whole hours, half-open), ln_gamma (the sketch's bin width).
 -- A read-only query, so PostgreSQL may run it in parallel: the Runner materializes it as
 -- pg_temp.execution_metrics_rows (CREATE TEMP TABLE ... AS may use a parallel plan; an
 -- INSERT ... SELECT may not).
@@ -9,23 +10,24 @@
 -- workspace at a time from its durations (small sorts and hash tables, no global sort).
 WITH per_workspace AS (
     SELECT analytics.tally_key(workspace_id) AS workspace_id,  -- NULL -> '' (migration 0004)
+           hour,
            count(*) AS total_executions,
            count(*) FILTER (WHERE status IN ('completed', 'success', 'succeeded')) AS successful_executions,
            count(*) FILTER (WHERE status IN ('failed', 'failure', 'error', 'timeout', 'timed_out')) AS failed_executions,
            coalesce(sum(credits_used), 0) AS total_credits,  -- a NULL credits_used counts as 0
            -- valid duration: non-null, finite, >= 0 (NaN sorts above Infinity, so one test covers both)
            array_agg(duration) FILTER (WHERE duration >= 0 AND duration < 'Infinity'::float8) AS runtimes
-    FROM (SELECT workspace_id, duration, credits_used,
+    FROM (SELECT workspace_id, duration, credits_used, date_trunc('hour', started_at, 'UTC') AS hour,
                  -- case-insensitive in ASCII, whatever the database's locale
                  lower(status COLLATE "C") AS status
           FROM public.execution_logs
           WHERE started_at >= %(start)s AND started_at < %(end)s) r
     -- no OFFSET 0 fence here (credit_consumption has one): lower() then runs once per FILTER,
     -- but the aggregation can be split across parallel workers (a fence keeps it in the leader)
-    GROUP BY 1
+    GROUP BY 1, 2
 ),
 metrics AS (
-    SELECT p.workspace_id, p.total_executions, p.successful_executions, p.failed_executions, p.total_credits,
+    SELECT p.workspace_id, p.hour, p.total_executions, p.successful_executions, p.failed_executions, p.total_credits,
            s.avg_runtime, e.pct, coalesce(s.runtime_count, 0) AS runtime_count,
            coalesce(s.runtime_sum, 0) AS runtime_sum,
            coalesce(k.bins, ARRAY[]::int[]) AS bins, coalesce(k.counts, ARRAY[]::bigint[]) AS counts
@@ -73,8 +75,9 @@ metrics AS (
 SELECT * FROM metrics;
 
 -- execution_metrics --
--- pg_temp.execution_metrics_rows -> analytics.execution_metrics_hourly, keyed by workspace.
--- Parameters: start. On an hour with no rows yet the Runner drops the upsert clause
+-- pg_temp.execution_metrics_rows -> analytics.execution_metrics_hourly, keyed by workspace and
+-- hour; the keys of [start, end) no longer in the source are removed. Returns per hour: rows,
+-- changed, removed. On hours with no rows yet the executor drops the upsert clause
 -- (Step.statement): a plain insert costs less per row than a speculative one.
 WITH metrics AS (SELECT * FROM pg_temp.execution_metrics_rows),
 written AS (
@@ -82,7 +85,7 @@ written AS (
         workspace_id, hour, total_executions, successful_executions, failed_executions,
         avg_runtime, p50_runtime, p95_runtime, p99_runtime, total_credits, avg_credits_per_run,
         runtime_count, runtime_sum, runtime_sketch_bins, runtime_sketch_counts)
-    SELECT m.workspace_id, %(start)s, m.total_executions, m.successful_executions, m.failed_executions,
+    SELECT m.workspace_id, m.hour, m.total_executions, m.successful_executions, m.failed_executions,
            m.avg_runtime, m.pct[1], m.pct[2], m.pct[3], m.total_credits, m.total_credits / m.total_executions,
            m.runtime_count, m.runtime_sum, m.bins, m.counts
     FROM metrics m
@@ -112,14 +115,16 @@ written AS (
            EXCLUDED.avg_credits_per_run, EXCLUDED.runtime_count, EXCLUDED.runtime_sum,
            EXCLUDED.runtime_sketch_bins, EXCLUDED.runtime_sketch_counts)
     -- upsert: end
-    RETURNING 1
+    RETURNING t.hour
 ),
 removed AS (
     -- keys whose source rows are gone
     DELETE FROM analytics.execution_metrics_hourly t
-    WHERE t.hour = %(start)s AND NOT EXISTS (SELECT 1 FROM metrics m WHERE m.workspace_id = t.workspace_id)
-    RETURNING 1
+    WHERE t.hour >= %(start)s AND t.hour < %(end)s
+      AND NOT EXISTS (SELECT 1 FROM metrics m WHERE m.workspace_id = t.workspace_id AND m.hour = t.hour)
+    RETURNING t.hour
 )
-SELECT (SELECT count(*) FROM metrics) AS rows,
-       (SELECT count(*) FROM written) AS changed,
-       (SELECT count(*) FROM removed) AS removed;
+SELECT hour, count(*) FILTER (WHERE k = 0) AS rows, count(*) FILTER (WHERE k = 1) AS changed,
+       count(*) FILTER (WHERE k = 2) AS removed
+FROM (SELECT hour, 0 AS k FROM metrics UNION ALL SELECT hour, 1 FROM written UNION ALL SELECT hour, 2 FROM removed) c
+GROUP BY hour;

@@ -48,6 +48,42 @@ SET state = 'ok', failures = 0, ok_started_at = run.started_at, ok_finished_at =
 FROM run
 WHERE s.rollup = run.rollup AND s.step = run.step AND s.bucket_start = run.bucket_start AND s.attempt_id = run.id;
 
+-- attempts_done --
+-- A chunk of consecutive hours of one step succeeded in one set-based statement (range
+-- execution): their ledger rows, succeeded, and their states, ok, written in that statement's
+-- own transaction (nothing of the chunk is visible before it commits, nothing stays if it
+-- rolls back). Parameters: run_id, rollup, step, starts, ends, rows (arrays), started_at,
+-- trigger, backend_pid, worker, task_id.
+WITH b AS (
+    SELECT * FROM unnest(%(starts)s::timestamptz[], %(ends)s::timestamptz[], %(rows)s::bigint[])
+        AS b(bucket_start, bucket_end, rows_written)
+),
+run AS (
+    INSERT INTO analytics.aggregation_runs
+        (run_id, rollup, step, bucket_start, bucket_end, status, rows_written, attempt, trigger, backend_pid,
+         worker, task_id, started_at, finished_at)
+    SELECT %(run_id)s, %(rollup)s, %(step)s, b.bucket_start, b.bucket_end, 'succeeded', b.rows_written,
+           1 + coalesce(s.failures, 0), %(trigger)s, %(backend_pid)s, %(worker)s, %(task_id)s, %(started_at)s,
+           clock_timestamp()
+    FROM b LEFT JOIN analytics.bucket_state s
+           ON s.rollup = %(rollup)s AND s.step = %(step)s AND s.bucket_start = b.bucket_start
+    ORDER BY b.bucket_start
+    RETURNING id, bucket_start, bucket_end, attempt, started_at, finished_at, rows_written
+),
+state AS (
+    INSERT INTO analytics.bucket_state AS s (rollup, step, bucket_start, bucket_end, state, attempt_id, attempt,
+                                             failures, ok_started_at, ok_finished_at, rows_written, changed_at)
+    SELECT %(rollup)s, %(step)s, bucket_start, bucket_end, 'ok', id, attempt, 0, started_at, finished_at,
+           rows_written, finished_at
+    FROM run
+    ON CONFLICT (rollup, step, bucket_start) DO UPDATE
+    SET state = 'ok', attempt_id = EXCLUDED.attempt_id, attempt = EXCLUDED.attempt, failures = 0,
+        ok_started_at = EXCLUDED.ok_started_at, ok_finished_at = EXCLUDED.ok_finished_at,
+        rows_written = EXCLUDED.rows_written, error = NULL, sqlstate = NULL, transient = NULL,
+        changed_at = EXCLUDED.changed_at, sealed_at = NULL
+)
+SELECT id, bucket_start, attempt FROM run ORDER BY bucket_start;
+
 -- attempts_failed --
 -- Running attempts fail (their data transaction rolled back): ledger and state in one
 -- statement. An attempt whose commit did succeed after all is 'succeeded' and is left alone.
@@ -222,6 +258,11 @@ WHERE EXISTS (SELECT 1 FROM public.execution_logs e WHERE e.started_at >= h AND 
 SELECT DISTINCT bucket_start, bucket_end FROM analytics.bucket_state
 WHERE rollup = %(rollup)s AND state = 'ok' AND bucket_end <= %(now)s::timestamptz - %(seal_after)s::interval
 ORDER BY bucket_start;
+
+-- stored_seals --
+-- The steps of one bucket stored as sealed (one index lookup).
+SELECT step FROM analytics.bucket_state
+WHERE rollup = %(rollup)s AND bucket_start = %(start)s AND state = 'sealed';
 
 -- seal --
 -- Buckets sealed: every step of them, still ok, becomes sealed (final history).

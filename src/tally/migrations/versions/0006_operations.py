@@ -5,7 +5,7 @@ Revises: 0005
 
 analytics.backfill_runs: one row per forced backfill (`tally backfill --force`), by the
 command's range and rollups; finished_at stays NULL until it ends. The identical command
-run again after an interruption resumes it: a bucket whose every step succeeded after that
+run again after an interruption resumes it: a step of a bucket that succeeded after that
 backfill began is not forced again.
 """
 from alembic import op

@@ -1,0 +1,93 @@
+"""Range execution: consecutive hours of a step in one set-based statement and one transaction,
+with outputs identical, bit for bit, to hour-by-hour runs, one ledger row and state per hour,
+and a failing chunk falling back to hour by hour."""
+from __future__ import annotations
+
+import datetime as dt
+import random
+
+import psycopg
+
+from outputs import snapshot
+from strategies import insert_events
+from support import cli, copy_executions, heavy_rows
+from tally import buckets as B
+from tally import hourly_rollup
+from tally import state as S
+from tally.rollups import Runner
+
+UTC = dt.timezone.utc
+HOUR = dt.timedelta(hours=1)
+START = dt.datetime(2026, 11, 24, 20, tzinfo=UTC)  # crosses midnight
+HOURS = 8
+
+
+def ugly(conn) -> None:
+    """Executions with NULL ids, NaN/±inf/negative/None durations, huge credits, rows on the hour
+    boundaries; events with sessions across hours, sessionless ones, NULL workspaces."""
+    rng = random.Random(41)
+    rows = heavy_rows(4_000, START, HOURS, workspaces=["w1", "w2", None, "w3", "w" * 500], rng=rng)
+    rows += [{**rows[0], "execution_id": f"edge{k}", "started_at": START + k * HOUR} for k in range(HOURS + 1)]
+    copy_executions(conn, rows)
+    events = []
+    for i in range(3_000):
+        t = START + dt.timedelta(seconds=rng.randrange(HOURS * 3600))
+        events.append({"workspace_id": rng.choice(["w1", "w2", None]), "user_id": f"u{rng.randrange(30)}",
+                       "session_id": rng.choice([f"s{rng.randrange(200)}", None]),
+                       "event_type": rng.choice(["page_view", "click", "login"]), "event_name": None,
+                       "page_path": None, "metadata": None, "created_at": t})
+    insert_events(conn, events)
+
+
+def test_a_range_writes_exactly_what_hour_by_hour_writes(make_db):
+    ranged, hourly = make_db(), make_db()
+    for url in (ranged, hourly):
+        with psycopg.connect(url, autocommit=True) as c:
+            ugly(c)
+    with Runner(ranged, trigger="backfill") as runner:
+        results = runner.run_hours([(B.HOUR.bucket(START + k * HOUR), ["execution_metrics", "user_activity",
+                                                                        "credit_consumption"]) for k in range(HOURS)])
+    assert all(r.ok for r in results) and len(results) == HOURS
+    for k in range(HOURS):
+        assert hourly_rollup(START + k * HOUR, url=hourly).ok
+    with psycopg.connect(ranged) as a, psycopg.connect(hourly) as b:
+        assert snapshot(a) == snapshot(b)  # every column, floats exactly
+        runs = a.execute("SELECT step, bucket_start, status, started_at, rows_written FROM analytics.aggregation_runs "
+                         "ORDER BY step, bucket_start").fetchall()
+        assert len(runs) == 3 * HOURS and {r[2] for r in runs} == {"succeeded"}
+        for step in ("execution_metrics", "user_activity", "credit_consumption"):
+            started = {r[3] for r in runs if r[0] == step}
+            assert len(started) == 1  # one transaction: the chunk's attempts began together
+        expected_rows = b.execute("SELECT step, bucket_start, rows_written FROM analytics.aggregation_runs "
+                                  "ORDER BY step, bucket_start").fetchall()
+        assert [(r[0], r[1], r[4]) for r in runs] == expected_rows  # rows per hour, as hour by hour
+        states = S.read(a, "hourly", [B.HOUR.bucket(START + k * HOUR) for k in range(HOURS)])
+        assert all(bs.done for bs in states.values())
+        assert a.execute("SELECT count(*) FROM analytics.dirty_log WHERE hour < %s",
+                         (START + HOURS * HOUR,)).fetchone()[0] == 0  # the range's marks: read and cleared
+
+
+def test_a_failing_chunk_falls_back_to_hour_by_hour(db_url, conn):
+    ugly(conn)
+    bad = START + 3 * HOUR
+    conn.execute("""CREATE FUNCTION public.bad_hour() RETURNS trigger LANGUAGE plpgsql AS $$
+                    BEGIN
+                        IF NEW.hour = '2026-11-24 23:00+00' THEN RAISE EXCEPTION 'bad hour' USING ERRCODE = '22000'; END IF;
+                        RETURN NEW;
+                    END $$;
+                    CREATE TRIGGER bad_hour BEFORE INSERT ON analytics.credit_consumption_hourly
+                    FOR EACH ROW EXECUTE FUNCTION public.bad_hour()""")
+    got = cli("backfill", "--from", B.HOUR.label(START), "--to", B.HOUR.label(START + HOURS * HOUR),
+              "--rollups", "hourly")
+    assert got.code == 1
+    runs = conn.execute("SELECT step, bucket_start, status FROM analytics.aggregation_runs ORDER BY id").fetchall()
+    failed = [(s, b) for s, b, st in runs if st == "failed"]
+    assert failed == [("credit_consumption", bad)]  # only the failing hour, once
+    assert sorted((s, b) for s, b, st in runs if st == "succeeded") == sorted(
+        (s, START + k * HOUR) for s in ("execution_metrics", "user_activity", "credit_consumption")
+        for k in range(HOURS) if (s, START + k * HOUR) != ("credit_consumption", bad))
+    conn.execute("DROP TRIGGER bad_hour ON analytics.credit_consumption_hourly")
+    assert cli("retry-failed").code == 0
+    with psycopg.connect(db_url) as c:
+        assert all(bs.done for bs in S.read(c, "hourly", [B.HOUR.bucket(START + k * HOUR)
+                                                          for k in range(HOURS)]).values())
