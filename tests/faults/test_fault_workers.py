@@ -175,3 +175,52 @@ def test_a_permanently_failing_step_alerts_at_once_without_retries(faulty, conn,
         assert len(got[table]) == len(clean[table]) and got[table] == clean[table], table
     assert got["user_activity_hourly"] == []
     assert not [x for x in ledger(conn) if x[3] == "running"]
+
+
+# ---- 16.4: a worker keeps its connections, and a database restart does not break it ------------------------
+
+@pytest.mark.slow
+def test_a_worker_reuses_its_connections_and_survives_a_database_restart(private_pg, broker, tmp_path):
+    import psycopg
+
+    from tally import migrate
+
+    name = f"tally_pool_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(private_pg.admin_url, autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    url = private_pg.url(name)
+    migrate.upgrade(url)
+    seed_hours(url, T0, 8)
+    env = worker_env(broker, url)
+    w = Worker(env, tmp_path / "worker.log")
+    app = client(env)
+
+    def run(hour: dt.datetime) -> None:
+        result = app.send_task("tally.hourly_rollup", [B.HOUR.label(hour)]).get(timeout=TIMEOUT)
+        assert result["ok"], result
+
+    def sessions(hours: list[dt.datetime]) -> set[int]:
+        """The sessions the steps of ``hours`` ran on (a task borrows two: data, ledger)."""
+        with psycopg.connect(url) as c:
+            return {p for p, in c.execute("SELECT DISTINCT backend_pid FROM analytics.aggregation_runs "
+                                          "WHERE bucket_start = ANY(%s)", [hours])}
+
+    before, after = hours_of(T0, 4), hours_of(T0 + 4 * HOUR, 4)
+    try:
+        for hour in before:
+            run(hour)
+        # four tasks, one after the other, on the two connections the first one left in the pool
+        assert len(sessions(before)) <= 2
+        private_pg.restart()  # every session of the pool is gone
+        for hour in after:  # first deliveries, no retry: the pool replaced the dead connections when lending
+            run(hour)
+        assert len(sessions(after)) <= 2 and not sessions(after) & sessions(before)
+    finally:
+        w.stop()
+    with psycopg.connect(url) as c:
+        rows = c.execute("SELECT bucket_start, step, status, attempt, trigger FROM analytics.aggregation_runs "
+                         "ORDER BY id").fetchall()
+    assert [(r[2], r[3]) for r in rows] == [("succeeded", 1)] * 24 and {r[4] for r in rows} == {"manual"}
+    assert "Traceback" not in w.text()
+    with psycopg.connect(private_pg.admin_url, autocommit=True) as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
