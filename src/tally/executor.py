@@ -19,7 +19,7 @@ from psycopg import sql
 from .buckets import UTC, Bucket
 from .config import settings
 from .db import scrub
-from .steps import LN_GAMMA, LN_HALF_WIDTH, Step, lock_key
+from .steps import LN_GAMMA, LN_HALF_WIDTH, SOURCES, Step, lock_key
 
 log = logging.getLogger("tally")
 
@@ -119,9 +119,9 @@ def estimate_rows(conn: psycopg.Connection, start: dt.datetime, end: dt.datetime
     """The planner's estimate of the source rows of [start, end) (the larger source): what a
     range statement over it will read, known without reading it."""
     most = 0
-    for table, column in (("public.execution_logs", "started_at"), ("analytics.user_activity", "created_at")):
+    for schema, table, column in SOURCES.values():
         plan = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM {} WHERE {} >= %s AND {} < %s").format(
-            sql.Identifier(*table.split(".")), sql.Identifier(column), sql.Identifier(column)),
+            sql.Identifier(schema, table), sql.Identifier(column), sql.Identifier(column)),
             [start, end]).fetchone()[0]
         most = max(most, int(plan[0]["Plan"]["Plan Rows"]))
     return most
@@ -137,16 +137,22 @@ def run_range(conn: psycopg.Connection, step: Step, start: dt.datetime, end: dt.
     """Run ``step`` for the buckets of [start, end) in the open transaction (their locks held):
     one bucket, or a chunk of consecutive hours in one set-based statement, with the same
     rows as hour by hour. Returns what it wrote, per bucket start (absent: nothing)."""
+    params = dict(start=start, end=end, bucket=start.date(), ln_gamma=LN_GAMMA, ln_half_width=LN_HALF_WIDTH)
+    if step.reads_separately:
+        # under the hours' locks: no other run can add their output rows before we commit
+        schema, table, column = SOURCES[step.source]
+        first_run, has_rows = conn.execute(
+            sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {} WHERE hour >= %(start)s AND hour < %(end)s), "
+                    "EXISTS (SELECT 1 FROM {} WHERE {} >= %(start)s AND {} < %(end)s)").format(
+                sql.Identifier("analytics", step.table), sql.Identifier(schema, table), sql.Identifier(column),
+                sql.Identifier(column)), params).fetchone()
+        if first_run and not has_rows:
+            return {}  # nothing to read and nothing to remove: an empty hour writes nothing
     timeout = settings().statement_timeout_of(step.name)
     apply_step_settings(conn, step, timeout if timeout > 0 else None)
-    params = dict(start=start, end=end, bucket=start.date(), ln_gamma=LN_GAMMA, ln_half_width=LN_HALF_WIDTH)
     if not step.reads_separately:  # a day, week or month: one bucket
         rows, changed, removed = conn.execute(step.statement(), params).fetchone()
         return {start: Counts(rows, changed, removed)}
-    # under the hours' locks: no other run can add their rows before we commit
-    first_run = not conn.execute(
-        sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE hour >= %s AND hour < %s)").format(
-            sql.Identifier("analytics", step.table)), [start, end]).fetchone()[0]
     # a utility statement takes no bound parameters: the buckets' times and the sketch's
     # constant are quoted client-side (they come from Bucket and steps.py, never from text)
     with psycopg.ClientCursor(conn) as cur:

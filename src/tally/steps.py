@@ -63,6 +63,13 @@ class Step:
         return sql.SQL(text).format(table=sql.Identifier("analytics", self.table), key=sql.Identifier(self.key))  # type: ignore[arg-type]
 
 
+# Each source of the hourly steps: its table and the time column that puts a row in an hour.
+SOURCES: dict[str, tuple[str, str, str]] = {
+    "execution_logs": ("public", "execution_logs", "started_at"),
+    "user_activity": ("analytics", "user_activity", "created_at"),
+}
+
+
 STEPS: dict[str, Step] = {
     s.name: s
     for s in (

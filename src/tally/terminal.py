@@ -9,18 +9,19 @@ import datetime as dt
 import signal
 import threading
 from collections import Counter
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
 
 from . import buckets as B
 from .state import State
 from .steps import ROLLUP_STEPS
+
+if TYPE_CHECKING:  # rich.progress is imported where a bar is drawn: a one-bucket command never pays for it
+    from rich.progress import Progress
 
 COLORS = {State.OK: "green", State.FAILED: "bold red", State.DIRTY: "yellow", State.MISSING: "bright_black",
           State.RUNNING: "cyan", State.SEALED: "blue"}
@@ -233,23 +234,29 @@ def print_rollup(console: Console, result) -> None:
 
 # ---- backfill, retry-failed and catch-up progress -------------------------------------------
 
-class _Rates(ProgressColumn):
-    """Output rows and buckets per second since the start."""
+def _rates_column():
+    """A column of output rows and buckets per second since the start."""
+    from rich.progress import ProgressColumn
 
-    def render(self, task) -> Text:
-        report = task.fields.get("report")
-        if report is None or report.seconds <= 0:
-            return Text("")
-        return Text(f"{report.rows / report.seconds:,.0f} rows/s · {report.ran / report.seconds:.1f} buckets/s",
-                    style="progress.data.speed")
+    class Rates(ProgressColumn):
+        def render(self, task) -> Text:
+            report = task.fields.get("report")
+            if report is None or report.seconds <= 0:
+                return Text("")
+            return Text(f"{report.rows / report.seconds:,.0f} rows/s · {report.ran / report.seconds:.1f} buckets/s",
+                        style="progress.data.speed")
+
+    return Rates()
 
 
 class ProgressView:
     """A Rich progress bar fed with backfill Report updates: buckets done, rates, ETA."""
 
     def __init__(self, console: Console, title: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("buckets"), _Rates(), TimeRemainingColumn(), console=console,
+                                 TextColumn("buckets"), _rates_column(), TimeRemainingColumn(), console=console,
                                  transient=True, disable=not console.is_terminal)
         self.task = self.progress.add_task(title, total=None, report=None)
 
@@ -352,6 +359,8 @@ class CatchUpView:
     """Catch-up's plan per phase, a progress bar, and every step that did not succeed."""
 
     def __init__(self, say: Callable[[str], None], console: Console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
         self.say = say
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  console=console, transient=True)
@@ -456,7 +465,9 @@ def render_verify(console: Console, report, limit: int = 200) -> None:
                   f"Re-run the buckets with `tally backfill --from … --to … --force`.")
 
 
-def verify_progress(console: Console) -> Progress:
+def verify_progress(console: Console) -> "Progress":
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
     return Progress(TextColumn("verify"), BarColumn(), MofNCompleteColumn(), console=console, transient=True,
                     disable=not console.is_terminal)
 
@@ -474,6 +485,8 @@ class DemoView:
 
     @contextlib.contextmanager
     def progress(self, total: int) -> Iterator[Callable[[str], None]]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
         with Progress(TextColumn("[bold]3. rollups[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=self.err, transient=True) as progress:
             task = progress.add_task("", total=total)
