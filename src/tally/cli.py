@@ -697,7 +697,9 @@ def main(argv: list[str] | None = None) -> int:
             _fail(f"tally: error: lost the database {redact(url) if url else '(embedded)'}: {scrub(first, url)}")
             code = 3
         else:
-            _fail(f"tally: error: database error: {type(exc).__name__}: {scrub(first, url)}")
+            hint = (" (create the partitions of those days first: docs/OPERATIONS.md, Partitioned sources)"
+                    if "no partition of relation" in first else "")
+            _fail(f"tally: error: database error: {type(exc).__name__}: {scrub(first, url)}{hint}")
             code = 1
     finally:
         if previous is not None:
