@@ -24,9 +24,9 @@ The conversion, for both tables:
 3. The keys are built on every partition at once: ``PRIMARY KEY (id, <time>)``,
    ``UNIQUE (execution_id, started_at)``, the time index.
 4. One transaction: writers are locked out (readers are not); each day's row count and
-   checksum (the sum of a 64-bit hash of each row's text) are compared between the two
-   tables, a day that changed during the copy is copied again, and the totals must then be
-   equal, else nothing is swapped. The identity continues above the old table's; the plain
+   checksum (the sum of a 64-bit hash of each row's text) in the plain table is compared with
+   its partition's (read back when the day was copied), a day that changed during the copy is
+   copied again (and read back), and the totals must then be equal, else nothing is swapped. The identity continues above the old table's; the plain
    table becomes ``<name>_unpartitioned`` and the copy takes the name, its keys' and its
    sequence's names; the triggers (change capture), the owner and every table privilege
    move to the new table. Commit.
@@ -343,9 +343,9 @@ def render(conn: psycopg.Connection, p: Plan, *, drop_old: bool = False) -> str:
         "copy": "-- 2. the rows, one day per transaction (writers go on)",
         "keys": "-- 3. the keys, built on every partition at once (one transaction)",
         "swap": "-- 4. one transaction: writers wait from the LOCK to the COMMIT. Before the identity and the "
-                "swap, each UTC day's count and checksum\n--    (partition_day_sums in sql/partition.sql, on both "
-                "tables) are compared; a day that changed during step 2 is emptied and copied again;\n--    unequal "
-                "totals roll everything back",
+                "swap, each UTC day's count and checksum\n--    in the plain table (partition_day_sums in "
+                "sql/partition.sql) is compared with its partition's, read back right after its copy in 2;\n--    "
+                "a day that changed since is emptied and copied again; unequal totals roll everything back",
         "after": "-- 5. statistics",
     }
     phase = None
@@ -426,9 +426,16 @@ def convert(conn: psycopg.Connection, *, ahead: int = 7, today: dt.date | None =
 
     t0 = time.monotonic()
     copies = by_phase.get("copy", [])
+    # each copied day's count and checksum, read back from its partition in the copy's own
+    # transaction: nothing but this conversion writes the staging tables, so the swap below
+    # scans only the plain tables while writers wait
+    copied: dict[str, dict[dt.date, tuple[int, int]]] = {t.source.qualified: {} for t in p.tables}
+    sources = {t.source.qualified: t.source for t in p.tables}
     for i, st in enumerate(copies):
+        s = sources[st.source]
         with conn.transaction():
             _run(conn, st)
+            copied[s.qualified].update(_day_sums(conn, s.schema, s.partition(st.day), s.time))
         say("copy", i + 1, len(copies))
     seconds["copy"] = time.monotonic() - t0
 
@@ -446,7 +453,7 @@ def convert(conn: psycopg.Connection, *, ahead: int = 7, today: dt.date | None =
         for t in p.tables:
             s = t.source
             old = _day_sums(conn, s.schema, s.name, s.time)
-            new = _day_sums(conn, s.schema, s.staging, s.time)
+            new = copied[s.qualified]
             have = set(t.days)
             recopied = []
             for day in sorted(set(old) | set(new)):
@@ -458,9 +465,9 @@ def convert(conn: psycopg.Connection, *, ahead: int = 7, today: dt.date | None =
                 _run(conn, Statement("swap", s.qualified, sql.SQL(query("partition_clear_day")).format(  # type: ignore[arg-type]
                     table=sql.Identifier(s.schema, s.staging), key=sql.Identifier(s.time)), _bounds(day)))
                 _run(conn, _copy(s, day))
+                new.pop(day, None)
+                new.update(_day_sums(conn, s.schema, s.partition(day), s.time))
                 recopied.append(day)
-            if recopied:
-                new = _day_sums(conn, s.schema, s.staging, s.time)
             total_old = (sum(n for n, _ in old.values()), sum(c for _, c in old.values()))
             total_new = (sum(n for n, _ in new.values()), sum(c for _, c in new.values()))
             if total_old != total_new or old != new:
