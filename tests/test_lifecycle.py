@@ -217,3 +217,62 @@ def test_retention_while_the_platform_inserts(db_url, conn, monkeypatch):
     assert json.loads(result.out)["sources"]["execution_logs"]["rows"] > 0
     assert conn.execute("SELECT count(*) FROM public.execution_logs WHERE execution_id LIKE 'live-%'").fetchone()[0] \
         == len(written) > 0
+
+
+def test_retention_drops_whole_sealed_partitions_and_deletes_the_rest_hour_by_hour(db_url, conn, monkeypatch):
+    """Partitioned sources (``tally db partition``): a day whose every hour is sealed and older than
+    the window goes as one partition (detached concurrently, dropped); a day the window cuts is
+    deleted hour by hour; outputs, marks and verify as on plain tables."""
+    from tally import partition as P
+
+    old_history(db_url, hours=72)  # three sealed days
+    with psycopg.connect(db_url, autocommit=True) as c:
+        P.convert(c, ahead=0, today=(OLD + 3 * 24 * HOUR).date())
+    assert P.is_partitioned(conn, "public.execution_logs")
+    outputs = snapshot(conn)
+    per_day = {d: conn.execute("SELECT count(*) FROM public.execution_logs WHERE started_at >= %s AND started_at < %s",
+                               (OLD + d * 24 * HOUR, OLD + (d + 1) * 24 * HOUR)).fetchone()[0] for d in range(3)}
+    # the window ends inside the second day (at its start when the suite runs at 00:xx UTC): the
+    # first day goes whole, the second day's hours before the cut one by one, the third stays
+    now = dt.datetime.now(UTC)
+    days = (B.HOUR.floor(now) - (OLD + 24 * HOUR)) // dt.timedelta(days=1)
+    cut = B.HOUR.floor(now) - dt.timedelta(days=days)
+    assert OLD + 24 * HOUR <= cut < OLD + 48 * HOUR
+    monkeypatch.setenv("TALLY_RAW_RETENTION_DAYS", str(days))
+    ran = json.loads(cli("retention", "--json").out)
+    source = ran["sources"]["execution_logs"]
+    assert [p["name"] for p in source["partitions"]] == [f"execution_logs_p{OLD:%Y%m%d}"]
+    assert source["partitions"][0]["rows"] == per_day[0]
+    names = {p.name for p in P.partitions(conn, "public.execution_logs")}
+    assert f"execution_logs_p{OLD:%Y%m%d}" not in names and f"execution_logs_p{OLD + 24 * HOUR:%Y%m%d}" in names
+    left = conn.execute("SELECT min(started_at) FROM public.execution_logs").fetchone()[0]
+    assert left >= cut  # the second day's hours before the cut were deleted
+    assert conn.execute("SELECT sum(rows) FROM analytics.purged WHERE source = 'execution_logs'").fetchone()[0] == \
+        sum(per_day.values()) - conn.execute("SELECT count(*) FROM public.execution_logs").fetchone()[0]
+    assert snapshot(conn) == outputs
+    assert conn.execute("SELECT count(*) FROM analytics.dirty_log").fetchone()[0] == 0
+    checked = json.loads(cli("verify", "--from", iso(OLD), "--to", iso(OLD + 72 * HOUR), "--json").out)
+    assert checked["clean"] and checked["purged"], checked
+    assert cli("run", "hourly", "--hour", iso(OLD)).code == 2  # sealed history over purged rows stays as it is
+    assert cli("run", "hourly", "--hour", iso(OLD), "--unseal").code == 2
+
+
+def test_an_interrupted_concurrent_detach_is_finished_by_the_next_drop(db_url, conn):
+    from tally import partition as P
+
+    seed(db_url, OLD, 2, per_hour=10, workspaces=2, events=10)
+    with psycopg.connect(db_url, autocommit=True) as c:
+        P.convert(c, ahead=0, today=OLD.date())
+    name = f"execution_logs_p{OLD:%Y%m%d}"
+    with psycopg.connect(db_url) as reader, psycopg.connect(db_url, autocommit=True) as c:
+        reader.execute("SELECT count(*) FROM public.execution_logs")  # a transaction that sees the partition
+        c.execute("SET statement_timeout = '500ms'")
+        with pytest.raises(psycopg.errors.QueryCanceled):  # its second phase waits for the reader: cut
+            c.execute(f"ALTER TABLE public.execution_logs DETACH PARTITION public.{name} CONCURRENTLY")
+        reader.rollback()
+        assert c.execute("SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = %s::regclass",
+                         [f"public.{name}"]).fetchone()[0]
+        c.execute("RESET statement_timeout")
+        P.drop_partition(c, "execution_logs", name)  # finishes the pending detach, then drops it
+    assert conn.execute("SELECT to_regclass(%s)", [f"public.{name}"]).fetchone()[0] is None
+    assert conn.execute("SELECT count(*) FROM public.execution_logs").fetchone()[0] == 0

@@ -145,12 +145,13 @@ def test_the_static_check_catches_sql_built_from_input():
 
 def test_named_queries_splice_only_registry_identifiers():
     """The only {placeholders} in sql/*.sql are identifiers from the step registry, a quoted role, the
-    quoted name of the database tally is connected to (roles_worker_temporary), or a source table and
-    its time column from retention.SOURCES."""
+    quoted name of the database tally is connected to (roles_worker_temporary), or a source table,
+    its time column and its daily partitions (retention_*, partition_*: from the sources' registry)."""
     found = {name: set(re.findall(r"\{([a-z_]+)\}", text)) for name, text in queries.all_queries().items()}
-    assert {p for ps in found.values() for p in ps} <= {"table", "key", "role", "database", "worker", "column"}, found
-    assert all(n.startswith(("period_metrics", "verify_period", "roles_", "retention_")) for n, ps in found.items()
-               if ps), found
+    assert {p for ps in found.values() for p in ps} <= {"table", "key", "role", "database", "worker", "column",
+                                                        "partition"}, found
+    assert all(n.startswith(("period_metrics", "verify_period", "roles_", "retention_", "partition_"))
+               for n, ps in found.items() if ps), found
 
 
 def test_roles_sql_covers_every_output_table_of_the_registry():

@@ -168,6 +168,51 @@ def db_roles(worker: str = typer.Option("tally_worker", help="Role the workers a
         out.print(line, markup=False)
 
 
+@db_app.command("partition")
+def db_partition(dry_run: bool = typer.Option(False, "--dry-run", help="Print the DDL; change nothing."),
+                 ahead: int = typer.Option(7, help="Days of empty partitions past the later of the last row's day and today."),
+                 drop_old: bool = typer.Option(False, "--drop-old", help="Drop the plain tables once replaced "
+                                               "(default: kept as <name>_unpartitioned).")) -> None:
+    """Partition tally's own source tables by UTC day: copied day by day, compared (counts and
+    checksums), then swapped in one transaction. Refused for tables tally did not create or that
+    are partitioned already. See docs/OPERATIONS.md, Partitioned sources."""
+    from . import migrate
+    from . import partition as P
+    from .db import connection
+
+    if not 0 <= ahead <= P.MAX_AHEAD:
+        raise InvalidInput(f"invalid --ahead {ahead}: expected 0 to {P.MAX_AHEAD} days")
+    url = say_database()
+    if migrate.current(url) != migrate.head():
+        raise InvalidInput("this database is not at tally's schema head: run `tally db upgrade` first")
+    with connection(url, autocommit=True) as conn:
+        if dry_run:
+            sys.stdout.write(P.render(conn, P.plan(conn, ahead=ahead), drop_old=drop_old))
+            return
+        last = [0.0]
+
+        def progress(phase: str, done: int, total: int) -> None:
+            import time
+
+            if phase == "copy" and (done == total or time.monotonic() - last[0] > 5):
+                last[0] = time.monotonic()
+                err.print(f"tally: copied {done}/{total} day(s)")
+
+        result = P.convert(conn, ahead=ahead, drop_old=drop_old, progress=progress)
+    for t in result.tables:
+        again = f"; {len(t.recopied)} day(s) changed during the copy, copied again" if t.recopied else ""
+        out.print(f"{t.source}: {t.rows:,} rows in {t.partitions} daily partitions, counts and checksums equal{again}",
+                  markup=False)
+    out.print("took " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()), markup=False)
+    if result.dropped_old:
+        out.print("dropped public.execution_logs_unpartitioned and analytics.user_activity_unpartitioned")
+    else:
+        out.print("kept the plain tables: DROP TABLE public.execution_logs_unpartitioned, "
+                  "analytics.user_activity_unpartitioned; once you no longer need them", markup=False)
+    out.print("new days need partitions before their rows arrive (pg_partman, or your own job); "
+              "see docs/OPERATIONS.md, Partitioned sources", markup=False)
+
+
 # ---- seed --------------------------------------------------------------------------------
 
 @app.command()
@@ -741,7 +786,9 @@ def main(argv: list[str] | None = None) -> int:
             _fail(f"tally: error: lost the database {redact(url) if url else '(embedded)'}: {scrub(first, url)}")
             code = 3
         else:
-            _fail(f"tally: error: database error: {type(exc).__name__}: {scrub(first, url)}")
+            hint = (" (create the partitions of those days first: docs/OPERATIONS.md, Partitioned sources)"
+                    if "no partition of relation" in first else "")
+            _fail(f"tally: error: database error: {type(exc).__name__}: {scrub(first, url)}{hint}")
             code = 1
     finally:
         if previous is not None:

@@ -20,7 +20,6 @@ from purged rows is refused. ``dry_run`` reports exactly what the real run would
 from __future__ import annotations
 
 import datetime as dt
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,10 +34,10 @@ from .config import Settings, settings
 from .errors import InvalidInput
 from .queries import query
 from .state import State
-from .steps import ROLLUP_STEPS, STEPS
+from . import partition as PT
+from .steps import ROLLUP_STEPS, SOURCES, STEPS
 
 # source table -> its time column (identifiers from this fixed table only)
-SOURCES = {"execution_logs": ("public", "started_at"), "user_activity": ("analytics", "created_at")}
 HOURLY_TABLES = tuple(STEPS[s].table for s in ROLLUP_STEPS[B.HOUR.rollup])
 BATCH = 5_000  # rows a DELETE statement removes: a few ms of row locks at a time
 
@@ -100,7 +99,7 @@ def check_rights(conn: psycopg.Connection, s: Settings) -> None:
     """One clear line when the role may not do what the settings ask."""
     needs = []
     if s.raw_retention_days is not None:
-        needs += [(f"{schema}.{table}", "DELETE") for table, (schema, _) in SOURCES.items()]
+        needs += [(f"{schema}.{table}", "DELETE") for schema, table, _ in SOURCES.values()]
     if s.hourly_retention_days is not None:
         needs += [(f"analytics.{t}", "DELETE") for t in HOURLY_TABLES]
     needs += [("analytics.aggregation_runs", "DELETE"), ("analytics.purged", "INSERT")]
@@ -127,7 +126,7 @@ def plan(conn: psycopg.Connection, *, now: dt.datetime | None = None, s: Setting
     p = Plan(now, _cutoff(now, s.raw_retention_days), _cutoff(now, s.hourly_retention_days),
              now - dt.timedelta(days=s.ledger_retention_days))
     if p.raw_cutoff is not None:
-        for table, (schema, column) in SOURCES.items():
+        for table, (schema, _, column) in SOURCES.items():
             p.sources[table] = _source_plan(conn, table, schema, column, p.raw_cutoff, now)
     if p.hourly_cutoff is not None:
         hours = [h.astimezone(B.UTC) for (h,) in conn.execute(query("retention_hourly_hours"),
@@ -168,7 +167,10 @@ def _source_plan(conn: psycopg.Connection, table: str, schema: str, column: str,
     count = sql.SQL("SELECT count(*) FROM {} WHERE {col} >= %s AND {col} < %s").format(
         sql.Identifier(schema, table), col=sql.Identifier(column))
     whole: set[dt.datetime] = set()
-    for name, lo, hi in partitions(conn, schema, table):
+    for part in PT.partitions(conn, f"{schema}.{table}"):
+        if part.is_default or part.start is None or part.end is None:
+            continue  # a DEFAULT partition or one bounded by MINVALUE/MAXVALUE is never dropped
+        name, lo, hi = part.name, part.start.astimezone(B.UTC), part.end.astimezone(B.UTC)
         inside = [h for h in hours if lo <= h < hi]
         if hi <= cutoff and all(h in sealed for h in inside):
             rows = conn.execute(count, (lo, hi)).fetchone()[0]
@@ -197,12 +199,12 @@ def run(conn: psycopg.Connection, *, dry_run: bool = False, now: dt.datetime | N
     conn.execute("SET tally.purging = 'on'")  # the change capture leaves these deletes unmarked
     try:
         for table, sp in p.sources.items():
-            schema, column = SOURCES[table]
+            schema, _, column = SOURCES[table]
             for name, lo, hi, rows in sp.partitions:
                 if should_stop():
                     break
                 hours = [lo + dt.timedelta(hours=i) for i in range(int((hi - lo).total_seconds()) // 3600)]
-                drop_partition(conn, schema, table, name)
+                PT.drop_partition(conn, f"{schema}.{table}", name)
                 _record(conn, table, [(h, 0) for h in hours], rows)
             delete = sql.SQL(query("retention_delete_batch")).format(
                 table=sql.Identifier(schema, table), column=sql.Identifier(column))
@@ -233,29 +235,6 @@ def run(conn: psycopg.Connection, *, dry_run: bool = False, now: dt.datetime | N
         conn.execute("RESET tally.purging")
     p.seconds = time.monotonic() - t0
     return p
-
-
-_BOUND = re.compile(r"FOR VALUES FROM \('([^']+)'\) TO \('([^']+)'\)")
-
-
-def partitions(conn: psycopg.Connection, schema: str, table: str) -> list[tuple[str, dt.datetime, dt.datetime]]:
-    """(name, start, end) of each range partition of ``schema.table`` (none for a plain table; a
-    DEFAULT partition or one bounded by MINVALUE/MAXVALUE is left out: retention never drops it)."""
-    found = []
-    for name, bound in conn.execute(query("retention_partitions"), dict(schema=schema, table=table)):
-        m = _BOUND.fullmatch(bound or "")
-        if m:
-            lo, hi = (conn.execute("SELECT %s::timestamptz", (v,)).fetchone()[0].astimezone(B.UTC) for v in m.groups())
-            found.append((name, lo, hi))
-    return found
-
-
-def drop_partition(conn: psycopg.Connection, schema: str, table: str, name: str) -> None:
-    """Detach a partition without blocking writers of the parent (CONCURRENTLY: outside a
-    transaction), then drop it. Needs the ownership of the table (run retention as its owner)."""
-    conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {} CONCURRENTLY").format(
-        sql.Identifier(schema, table), sql.Identifier(schema, name)))
-    conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(schema, name)))
 
 
 def _record(conn: psycopg.Connection, source: str, hours: list[tuple[dt.datetime, int]], total: int | None = None

@@ -65,12 +65,3 @@ INSERT INTO analytics.purged (source, hour, rows)
 SELECT %(source)s, h, n FROM unnest(%(hours)s::timestamptz[], %(rows)s::bigint[]) AS x(h, n)
 ON CONFLICT (source, hour) DO UPDATE SET rows = analytics.purged.rows + EXCLUDED.rows, purged_at = now();
 
--- retention_partitions --
--- The partitions of a range-partitioned table, with their bounds (empty for a plain table).
-SELECT c.relname, pg_get_expr(c.relpartbound, c.oid)
-FROM pg_inherits i
-JOIN pg_class c ON c.oid = i.inhrelid
-JOIN pg_class p ON p.oid = i.inhparent
-JOIN pg_namespace n ON n.oid = p.relnamespace
-WHERE n.nspname = %(schema)s AND p.relname = %(table)s
-ORDER BY 1;
