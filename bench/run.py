@@ -48,9 +48,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from tally import buckets as B  # noqa: E402
 from tally import migrate  # noqa: E402
-from tally.executor import apply_step_settings
+from tally.executor import apply_step_settings  # noqa: E402
 from tally.rollups import Runner  # noqa: E402
-from tally.steps import STEPS  # noqa: E402
+from tally.steps import LN_GAMMA, STEPS  # noqa: E402
 
 UTC = dt.timezone.utc
 HOUR = dt.timedelta(hours=1)
@@ -71,33 +71,78 @@ FLOORS = {
 }
 PERIOD_FLOOR = FLOORS["execution_metrics"]  # a period's floor: the scan of its raw executions
 
-# What PostgreSQL itself needs for the one statistic that makes each step more than a scan, with
-# its own built-ins, over the same rows, nothing written: a reference for how far below its
-# floor a step can possibly get. execution_metrics: exact percentiles (SPEC: percentile_cont),
-# which sort the hour's durations; user_activity: each session's first and last event, a group
-# per session; credit_consumption: its (workspace, user, agent) key, a group per key. Each is run
-# with its step's planner settings (STEP_SETTINGS: work_mem, the scan) and summed up to one row,
-# so that neither a spill to disk nor sending its groups to the client is counted.
+# Each hourly step's bound: PostgreSQL's own statement for the step's output rows, written the
+# plain way (its built-ins: percentile_cont, GROUP BY, jsonb_object_agg; the sketch bins as one
+# more GROUP BY), over the same rows, inserted with a plain INSERT into an empty table of the
+# output's shape, key and indexes (bench_bound.<table>: LIKE analytics.<table> INCLUDING ALL),
+# committed. Run with the step's planner settings (STEP_SETTINGS). What no step can beat: it
+# reads, computes and writes the same rows with nothing else (no lock, no ledger, no state, no
+# change marks, no upsert, no two-statement read for a parallel plan).
+_VALID = "duration >= 0 AND duration < 'Infinity'::float8"
+_OK = "lower(status COLLATE \"C\") IN ('completed', 'success', 'succeeded')"
+_FAILED = "lower(status COLLATE \"C\") IN ('failed', 'failure', 'error', 'timeout', 'timed_out')"
 BOUNDS = {
-    "execution_metrics": "SELECT count(*), sum(p[1] + p[2] + p[3]) FROM ("
-                         "SELECT workspace_id, percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY duration) AS p "
-                         "FROM public.execution_logs WHERE started_at >= %(start)s AND started_at < %(end)s "
-                         "GROUP BY workspace_id) b",
-    "user_activity": "SELECT count(*), sum(n), max(last_at - first_at) FROM ("
-                     "SELECT workspace_id, user_id, session_id, count(*) AS n, min(created_at) AS first_at, "
-                     "max(created_at) AS last_at "
-                     "FROM analytics.user_activity WHERE created_at >= %(start)s AND created_at < %(end)s "
-                     "GROUP BY workspace_id, user_id, session_id) b",
-    "credit_consumption": "SELECT count(*), sum(n), sum(credits) FROM ("
-                          "SELECT workspace_id, user_id, agent_id, count(*) AS n, sum(credits_used) AS credits "
-                          "FROM public.execution_logs WHERE started_at >= %(start)s AND started_at < %(end)s "
-                          "GROUP BY workspace_id, user_id, agent_id) b",
+    "execution_metrics": (
+        "WITH r AS (SELECT analytics.tally_key(workspace_id) AS ws, date_trunc('hour', started_at, 'UTC') AS h, "
+        "status, duration, credits_used FROM public.execution_logs "
+        "WHERE started_at >= %(start)s AND started_at < %(end)s), "
+        "m AS (SELECT ws, h, count(*) AS n, count(*) FILTER (WHERE " + _OK + ") AS ok, "
+        "count(*) FILTER (WHERE " + _FAILED + ") AS failed, avg(duration) FILTER (WHERE " + _VALID + ") AS mean, "
+        "percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY duration) FILTER (WHERE " + _VALID + ") AS p, "
+        "coalesce(sum(credits_used), 0) AS credits, count(*) FILTER (WHERE " + _VALID + ") AS rn, "
+        "sum(duration) FILTER (WHERE " + _VALID + ") AS rs FROM r GROUP BY ws, h), "
+        "k AS (SELECT ws, h, array_agg(bin ORDER BY bin) AS bins, array_agg(c ORDER BY bin) AS counts "
+        "FROM (SELECT ws, h, CASE WHEN duration = 0 THEN -2147483648 ELSE ceil(ln(duration) / %(ln_gamma)s)::int END "
+        "AS bin, count(*) AS c FROM r WHERE " + _VALID + " GROUP BY 1, 2, 3) b GROUP BY ws, h) "
+        "INSERT INTO bench_bound.execution_metrics_hourly (workspace_id, hour, total_executions, successful_executions, "
+        "failed_executions, avg_runtime, p50_runtime, p95_runtime, p99_runtime, total_credits, avg_credits_per_run, "
+        "runtime_count, runtime_sum, runtime_sketch_bins, runtime_sketch_counts) "
+        "SELECT m.ws, m.h, n, ok, failed, mean, p[1], p[2], p[3], credits, credits / n, rn, coalesce(rs, 0), "
+        "coalesce(bins, '{}'), coalesce(counts, '{}') FROM m LEFT JOIN k ON k.ws = m.ws AND k.h = m.h"),
+    "user_activity": (
+        "WITH e AS (SELECT analytics.tally_key(workspace_id) AS ws, analytics.tally_key(user_id) AS u, session_id, "
+        "event_type, created_at, date_trunc('hour', created_at, 'UTC') AS h FROM analytics.user_activity "
+        "WHERE created_at >= %(start)s AND created_at < %(end)s), "
+        "s AS (SELECT h, ws, u, session_id, count(*) AS n, max(created_at) - min(created_at) AS span "
+        "FROM e GROUP BY h, ws, u, session_id), "
+        "t AS (SELECT h, ws, u, jsonb_object_agg(event_type, n) AS types, "
+        "coalesce(sum(n) FILTER (WHERE event_type = 'page_view'), 0) AS views "
+        "FROM (SELECT h, ws, u, event_type, count(*) AS n FROM e GROUP BY 1, 2, 3, 4) x GROUP BY h, ws, u), "
+        "us AS (SELECT h, ws, u, sum(n) AS n, count(session_id) AS sessions, "
+        "coalesce(sum(extract(epoch FROM span)) FILTER (WHERE session_id IS NOT NULL), 0)::float8 AS active "
+        "FROM s GROUP BY h, ws, u) "
+        "INSERT INTO bench_bound.user_activity_hourly (workspace_id, user_id, hour, total_events, page_views, "
+        "unique_sessions, event_type_counts, active_duration_seconds, avg_session_duration) "
+        "SELECT us.ws, us.u, us.h, us.n, t.views, sessions, t.types, active, "
+        "CASE WHEN sessions = 0 THEN 0 ELSE active / sessions END FROM us JOIN t USING (h, ws, u)"),
+    "credit_consumption": (
+        "INSERT INTO bench_bound.credit_consumption_hourly (workspace_id, user_id, agent_id, hour, total_credits, "
+        "avg_credits_per_execution, peak_credits_per_execution, executions_count, successful_executions, "
+        "credits_per_success) "
+        "SELECT ws, u, a, h, sum(c), sum(c) / count(*), max(c), count(*), count(*) FILTER (WHERE ok), "
+        "CASE WHEN count(*) FILTER (WHERE ok) = 0 THEN 0 ELSE coalesce(sum(c) FILTER (WHERE ok), 0) "
+        "/ count(*) FILTER (WHERE ok) END "
+        "FROM (SELECT analytics.tally_key(workspace_id) AS ws, analytics.tally_key(user_id) AS u, "
+        "analytics.tally_key(agent_id) AS a, date_trunc('hour', started_at, 'UTC') AS h, "
+        "coalesce(credits_used, 0) AS c, " + _OK + " AS ok FROM public.execution_logs "
+        "WHERE started_at >= %(start)s AND started_at < %(end)s) r GROUP BY ws, u, a, h"),
 }
+BOUND_TABLES = {"execution_metrics": "execution_metrics_hourly", "user_activity": "user_activity_hourly",
+                "credit_consumption": "credit_consumption_hourly"}
 BOUND_TITLES = {
-    "execution_metrics": "  PostgreSQL's percentile_cont by workspace",
-    "user_activity": "  PostgreSQL's GROUP BY workspace, user, session",
-    "credit_consumption": "  PostgreSQL's GROUP BY workspace, user, agent",
+    "execution_metrics": "  PostgreSQL's own statement, written",
+    "user_activity": "  PostgreSQL's own statement, written",
+    "credit_consumption": "  PostgreSQL's own statement, written",
 }
+
+
+def make_bound_tables(url: str) -> None:
+    """Empty tables of each hourly output's shape, key and indexes, for the bounds to write into."""
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("CREATE SCHEMA IF NOT EXISTS bench_bound")
+        for table in BOUND_TABLES.values():
+            c.execute(f"CREATE TABLE IF NOT EXISTS bench_bound.{table} (LIKE analytics.{table} INCLUDING ALL)")
+
 
 OUTPUTS = ("execution_metrics_hourly", "user_activity_hourly", "credit_consumption_hourly",
            "execution_metrics_daily", "execution_metrics_weekly", "execution_metrics_monthly")
@@ -138,6 +183,7 @@ def create_db(admin_url: str, label: str) -> str:
         c.execute(f'CREATE DATABASE "{name}"')
     url = with_db(admin_url, name)
     migrate.upgrade(url)
+    make_bound_tables(url)
     return url
 
 
@@ -221,14 +267,17 @@ class Clock:
         return time.perf_counter() - t0
 
     def bound(self, step: str, start: dt.datetime, end: dt.datetime) -> float:
-        """BOUNDS[step], with the step's own planner settings (as the Runner sets them)."""
-        params = dict(start=start, end=end)
-        with self.conn.transaction():
-            apply_step_settings(self.conn, STEPS[step])
-            self.conn.execute(BOUNDS[step], params).fetchall()  # warm-up, as for a floor
+        """BOUNDS[step] into an empty table, committed, with the step's own planner settings (as
+        the Runner sets them); after an untimed warm-up, as for a floor."""
+        params = dict(start=start, end=end, ln_gamma=LN_GAMMA)
+        for timed in (False, True):
+            self.conn.execute(f"TRUNCATE bench_bound.{BOUND_TABLES[step]}")
             t0 = time.perf_counter()
-            self.conn.execute(BOUNDS[step], params).fetchall()
-            return time.perf_counter() - t0
+            with self.conn.transaction():
+                apply_step_settings(self.conn, STEPS[step])
+                self.conn.execute(BOUNDS[step], params)
+            secs = time.perf_counter() - t0
+        return secs
 
     def rollup(self, bucket: B.Bucket, prepare: bool = True):
         t0 = time.perf_counter()
