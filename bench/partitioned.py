@@ -130,9 +130,9 @@ def main() -> int:
                         for s in result.steps:
                             steps[k].setdefault(s.step, []).append(s.seconds)
                 log(f"run {i + 1}/{args.runs} done")
-            outputs = {k: [conns[k].execute(f"SELECT count(*), sum(hashtextextended(t::text, 0)) FROM ("
-                                              f"SELECT workspace_id, hour, total_executions, total_credits, p95_runtime "
-                                              f"FROM analytics.execution_metrics_hourly) t").fetchone()] for k in dbs}
+            outputs = {k: [conns[k].execute("SELECT count(*), sum(hashtextextended(t::text, 0)) FROM ("
+                                              "SELECT workspace_id, hour, total_executions, total_credits, p95_runtime "
+                                              "FROM analytics.execution_metrics_hourly) t").fetchone()] for k in dbs}
         finally:
             for x in (*runners.values(), *conns.values()):
                 x.close()

@@ -23,7 +23,8 @@ over the rows the job must read, through the same time range (see FLOORS), timed
 in the same run right next to the job (after one untimed warm-up execution, like
 the job's own data, which an hourly job finds in cache). Ratios are medians of the
 paired per-run ratios. Under each hourly step, its bound: PostgreSQL's own statement for
-the statistic that makes the step more than a scan, nothing written (see BOUNDS). Scratch
+the step's output rows, inserted into an empty table of the output's shape and key (see
+BOUNDS; bench/bounds.py puts steps and bounds side by side on two shapes). Scratch
 databases are dropped at the end (``--keep`` keeps them).
 """
 from __future__ import annotations
@@ -491,9 +492,9 @@ def render(info: dict, scales: dict, history: dict | None, args) -> str:
     lines += ["", "x floor: time / the time PostgreSQL takes for SELECT workspace_id, count(*), sum(x) ... GROUP BY "
                   "workspace_id over the same rows (hourly rollup: the sum of its steps' floors; backfill: the sum of "
                   "all its floors).",
-              "PostgreSQL's ...: what PostgreSQL itself takes for the statistic that makes the step more than a "
-              "scan, over the same rows, with the step's planner settings, nothing written (BOUNDS in bench/run.py): "
-              "how close to its floor a step can get."]
+              "PostgreSQL's own statement, written: what PostgreSQL itself takes to compute the step's output rows "
+              "from the same rows with its built-ins and INSERT them into an empty table of the output's shape, key "
+              "and indexes, committed, with the step's planner settings (BOUNDS in bench/run.py)."]
     return "\n".join(lines)
 
 
