@@ -13,6 +13,8 @@ import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 
+pytest_plugins = ["celery_support"]  # redis_url: a real Redis for the worker bench
+
 
 def _bench_databases(admin_url: str) -> set[str]:
     with psycopg.connect(admin_url) as c:
@@ -27,12 +29,42 @@ def test_bench_runs_and_prints_every_row(admin_url, tmp_path):
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
-    for row in ("hourly step execution_metrics", "PostgreSQL's percentile_cont by workspace",
-                "hourly step user_activity", "PostgreSQL's GROUP BY workspace, user, session",
-                "hourly step credit_consumption", "PostgreSQL's GROUP BY workspace, user, agent",
+    for row in ("hourly step execution_metrics", "hourly step user_activity", "hourly step credit_consumption",
                 "hourly rollup (3 steps + ledger)", "daily rollup", "weekly rollup", "monthly rollup",
                 "backfill 1 day", "peak memory of the tally process"):
         assert row in out, f"{row!r} missing from:\n{out}"
+    assert out.count("PostgreSQL's own statement, written") >= 3  # a bound under each hourly step
     assert "2k/day" in out and "x floor" in out
     assert raw.exists() and raw.stat().st_size > 0
     assert _bench_databases(admin_url) == before  # its scratch database is dropped
+
+
+def test_bounds_bench_runs_both_shapes_and_checks_its_bounds(admin_url):
+    """bench/bounds.py: every step beside its bound on both shapes; it fails if a bound wrote
+    another number of rows than its step."""
+    before = _bench_databases(admin_url)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bounds.py"), "--database-url", admin_url,
+                        "--scales", "2400", "--hours", "2", "--runs", "1"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for row in ("bench 2400/day", "small 2400/day", "hourly rollup vs sum of bounds"):
+        assert row in r.stdout, r.stdout
+    assert r.stdout.count("credit_consumption") == 2
+    assert _bench_databases(admin_url) == before
+
+
+def test_worker_bench_measures_a_real_worker(admin_url, redis_url):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "worker.py"), "--database-url", admin_url,
+                        "--broker-url", redis_url, "--tasks", "10", "--runs", "1"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rollups/s" in r.stdout and "per-task overhead" in r.stdout
+
+
+def test_retention_bench_purges_a_day_both_ways(admin_url):
+    before = _bench_databases(admin_url)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "retention.py"), "--database-url", admin_url,
+                        "--per-day", "2400"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "plain tables: DELETE in batches" in r.stdout and "daily partitions: DROP" in r.stdout
+    assert _bench_databases(admin_url) == before

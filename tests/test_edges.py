@@ -398,3 +398,27 @@ def test_runs_filters_and_what_is_failing_now(db_url, conn):
                        (["--failed", "--status", "succeeded"], "succeeded")):
         p = run("runs", *bad, env={"TALLY_DATABASE_URL": db_url})
         assert p.returncode == 2 and named in one_line_error(p), (bad, p.stderr)
+
+
+def test_ctrl_c_stops_every_lane_of_a_backfill_with_jobs_and_the_same_command_finishes(db_url, conn, tmp_path):
+    seed(db_url, START, 12)
+    span = ["--from", iso(START), "--to", iso(START + 12 * HOUR), "--rollups", "hourly", "--jobs", "2"]
+    key = lock_key(STEPS["execution_metrics"], int((START + 5 * HOUR).timestamp()) // 3600)
+    errors = tmp_path / "stderr"
+    with psycopg.connect(db_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s, %s)", key)  # one lane waits at execution_metrics 05:00
+        proc = spawn(db_url, "backfill", *span, stderr=errors.open("w"), TALLY_LOCK_WAIT="300")
+        wait_for(lambda: holder.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                 .fetchone()[0], 60, "the backfill to reach hour 5")
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: "stopping after the current step" in errors.read_text(), 30, "the stop notice")
+        holder.execute("SELECT pg_advisory_unlock(%s, %s)", key)
+        assert proc.wait(60) == 130
+    assert "Traceback" not in errors.read_text()
+    assert conn.execute("SELECT count(*) FROM analytics.aggregation_runs WHERE status <> 'succeeded'").fetchone()[0] == 0
+    first = conn.execute("SELECT count(*) FROM analytics.aggregation_runs").fetchone()[0]
+    assert 6 <= first < 36  # stopped: the waiting hour finished, not everything ran
+    assert cli("backfill", *span).code == 0
+    runs = conn.execute("SELECT step, bucket_start, count(*) FROM analytics.aggregation_runs "
+                        "GROUP BY 1, 2").fetchall()
+    assert len(runs) == 36 and {n for _, _, n in runs} == {1}  # the rest, and nothing twice

@@ -91,3 +91,38 @@ def test_a_failing_chunk_falls_back_to_hour_by_hour(db_url, conn):
     with psycopg.connect(db_url) as c:
         assert all(bs.done for bs in S.read(c, "hourly", [B.HOUR.bucket(START + k * HOUR)
                                                           for k in range(HOURS)]).values())
+
+
+def test_backfill_jobs_run_steps_at_once_with_the_same_rows_ledger_and_failures(make_db, monkeypatch):
+    """``backfill --jobs 3``: (chunk, step) pieces on three connections at once; the same outputs,
+    bit for bit, as one at a time; one success per (step, hour); a failing hour still isolated
+    (the trigger fails credit_consumption of 23:00 in both databases)."""
+    one, three = make_db(), make_db()
+    for url in (one, three):
+        with psycopg.connect(url, autocommit=True) as c:
+            ugly(c)
+            c.execute("""CREATE FUNCTION public.bad_hour() RETURNS trigger LANGUAGE plpgsql AS $$
+                         BEGIN
+                             IF NEW.hour = '2026-11-24 23:00+00' THEN RAISE EXCEPTION 'bad hour' USING ERRCODE = '22000';
+                             END IF;
+                             RETURN NEW;
+                         END $$;
+                         CREATE TRIGGER bad_hour BEFORE INSERT ON analytics.credit_consumption_hourly
+                         FOR EACH ROW EXECUTE FUNCTION public.bad_hour()""")
+    span = ["--from", B.HOUR.label(START), "--to", B.HOUR.label(START + HOURS * HOUR), "--rollups", "hourly,daily"]
+    seen = {}
+    for url, jobs in ((one, "1"), (three, "3")):
+        monkeypatch.setenv("TALLY_DATABASE_URL", url)
+        seen[jobs] = cli("backfill", *span, "--jobs", jobs, "--json")
+    assert seen["1"].code == seen["3"].code == 1  # the bad hour
+    with psycopg.connect(one) as a, psycopg.connect(three) as b:
+        assert snapshot(a) == snapshot(b)
+        ledger = "SELECT rollup, step, bucket_start, status FROM analytics.aggregation_runs ORDER BY 1, 2, 3, 4"
+        assert a.execute(ledger).fetchall() == b.execute(ledger).fetchall()
+        assert b.execute("SELECT count(DISTINCT backend_pid) FROM analytics.aggregation_runs "
+                         "WHERE status = 'succeeded' AND rollup = 'hourly'").fetchone()[0] > 1  # lanes ran
+        failed = b.execute("SELECT step, bucket_start FROM analytics.aggregation_runs WHERE status = 'failed' "
+                           "AND rollup = 'hourly'").fetchall()
+        assert failed == [("credit_consumption", START + 3 * HOUR)]
+    bad = cli("backfill", *span, "--jobs", "0")
+    assert bad.code == 2

@@ -346,12 +346,12 @@ class Tally(Tool):
     `tally backfill --rollups hourly,daily`, which runs all three hourly steps
     (execution_metrics, user_activity, credit_consumption) and the daily one."""
 
-    name = "tally"
     outputs = ("hourly", "daily", "credit")
-    builds = "execution_metrics hourly + daily, credit_consumption hourly (+ user_activity hourly, no events)"
 
-    def __init__(self, exe: str):
-        self.exe = exe
+    def __init__(self, exe: str, jobs: int = 1, name: str = "tally"):
+        self.exe, self.jobs, self.name = exe, jobs, name
+        self.builds = ("execution_metrics hourly + daily, credit_consumption hourly (+ user_activity hourly, no events)"
+                       f"; --jobs {jobs}")
 
     def version(self):
         code = ("import importlib.metadata as m, tally, os; "
@@ -377,7 +377,8 @@ class Tally(Tool):
         return [[self.exe, "db", "upgrade"]]
 
     def command(self, a, workdir):
-        return [self.exe, "backfill", "--from", a.start_iso, "--to", a.end_iso, "--rollups", "hourly,daily", "--json"]
+        return [self.exe, "backfill", "--from", a.start_iso, "--to", a.end_iso, "--rollups", "hourly,daily",
+                "--jobs", str(self.jobs), "--json"]
 
 
 class Custom(Tool):
@@ -518,11 +519,16 @@ def percentile_error(errors: dict, label: str) -> str:
 # ----------------------------------------------------------------------------
 # tally's own account of its time: the run ledger
 LEDGER_SQL = """
-SELECT rollup, step, count(*), count(*) FILTER (WHERE status = 'failed'),
-       coalesce(sum(extract(epoch FROM finished_at - started_at)), 0), coalesce(sum(rows_written), 0),
-       extract(epoch FROM min(started_at)), extract(epoch FROM max(finished_at))
-FROM analytics.aggregation_runs
-WHERE finished_at IS NOT NULL
+WITH tx AS (  -- one row per transaction: a chunk of hours of a step shares its start (range execution)
+    SELECT rollup, step, started_at, max(finished_at) AS finished_at, count(*) AS n,
+           count(*) FILTER (WHERE status = 'failed') AS failed, coalesce(sum(rows_written), 0) AS rows_written
+    FROM analytics.aggregation_runs
+    WHERE finished_at IS NOT NULL
+    GROUP BY rollup, step, started_at
+)
+SELECT rollup, step, sum(n), sum(failed), coalesce(sum(extract(epoch FROM finished_at - started_at)), 0),
+       sum(rows_written), extract(epoch FROM min(started_at)), extract(epoch FROM max(finished_at))
+FROM tx
 GROUP BY rollup, step
 ORDER BY min(started_at)
 """
@@ -530,7 +536,8 @@ ORDER BY min(started_at)
 
 def tally_steps(pg: PG, db: str, spawned: float, exited: float) -> dict:
     """Where the time of one `tally backfill` went, from analytics.aggregation_runs: per
-    (rollup, step) the sum of finished_at - started_at (tally.rollups.Runner: the step's
+    (rollup, step) the sum of finished_at - started_at over its transactions (a chunk of hours
+    is one; with --jobs > 1 steps overlap, so their sum may exceed the wall) (tally.rollups.Runner: the step's
     transaction takes the bucket lock, then the ledger row is begun, the statement runs and the
     row is finished, just before the commit); the rest of the wall time split into before the
     first step (interpreter start, imports, connecting, planning the first bucket), between
@@ -751,13 +758,17 @@ def parse_args(argv=None):
     ap.add_argument("--also-without-credit", action="store_true",
                     help="with --with-credit: each peer also runs its two-model project in the same run")
     ap.add_argument("--tools", default="tally,sqlmesh,dbt",
-                    help="comma list: tally, sqlmesh, dbt, sqlmesh_b1 (per-interval batches); '' for none")
+                    help="comma list: tally, tally_seq (tally --jobs 1), sqlmesh, dbt, sqlmesh_b1 (per-interval "
+                         "batches); '' for none")
     ap.add_argument("--tally", default=None,
                     help="the tally executable (default: `tally` next to this Python, i.e. the project's venv)")
     ap.add_argument("--custom", action="append", default=[], metavar="NAME=CMD",
                     help="extra tool: shell command run in a fresh clone (see Custom)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
                     help="SQLMesh concurrent_tasks; dbt gets 2x this (default: nproc)")
+    ap.add_argument("--tally-jobs", type=int, default=None,
+                    help="tally backfill --jobs (default: --threads, as SQLMesh's concurrent_tasks); the tool "
+                         "tally_seq runs with --jobs 1")
     ap.add_argument("--dbt-threads", type=int, default=None,
                     help="dbt threads (default: 2 x --threads, see Dbt.extra_env)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool, each on a fresh clone; median reported")
@@ -800,14 +811,16 @@ def build_tools(a) -> list[Tool]:
     tools: list[Tool] = []
     peers = {"sqlmesh": SQLMesh, "sqlmesh_b1": SQLMeshPerInterval, "dbt": Dbt}
     for t in filter(None, (x.strip() for x in a.tools.split(","))):
-        if t == "tally":
-            tools.append(Tally(find_tally(a.tally)))
+        if t == "tally":  # as many steps at once as SQLMesh runs models (--threads), unless --tally-jobs
+            tools.append(Tally(find_tally(a.tally), a.tally_jobs or a.threads))
+        elif t == "tally_seq":  # one step at a time
+            tools.append(Tally(find_tally(a.tally), 1, "tally_seq"))
         elif t in peers:
             tools.append(peers[t](a.with_credit))
             if a.also_without_credit:
                 tools.append(peers[t](False))
         else:
-            sys.exit(f"unknown tool {t!r} (tally, sqlmesh, dbt, sqlmesh_b1)")
+            sys.exit(f"unknown tool {t!r} (tally, tally_seq, sqlmesh, dbt, sqlmesh_b1)")
     tools += [Custom(s) for s in a.custom]
     return tools
 

@@ -25,6 +25,7 @@ from . import plan as P
 from . import state as S
 from .buckets import Bucket
 from .db import connect
+from .errors import InvalidInput
 from .queries import query
 from .rollups import RollupResult, Runner, StepResult
 
@@ -102,7 +103,10 @@ class Backfill:
 
     def __init__(self, url: str, start: dt.datetime, end: dt.datetime, rollups: list[str], *, force: bool = False,
                  allow_open: bool = False, unseal: bool = False, now: dt.datetime | None = None,
-                 on_update: Callable[[Report], None] | None = None):
+                 on_update: Callable[[Report], None] | None = None, jobs: int = 1):
+        if not 1 <= jobs <= 16:
+            raise InvalidInput(f"invalid jobs {jobs}: expected 1 to 16")
+        self.jobs = jobs
         self.url = url
         self.start, self.end = start, end
         self.rollups = rollups
@@ -176,7 +180,7 @@ class Backfill:
                 if hours:
                     self.report.current = f"{hours[0][0]} .. {hours[-1][0].label}"
                     self.on_update(self.report)
-                    for result in runner.run_hours(hours):
+                    for result in runner.run_hours(hours, jobs=self.jobs):
                         if result.stopped:
                             return False
                         self.report.ran += 1

@@ -396,7 +396,10 @@ def backfill(
     to: str = typer.Option(..., "--to", help="End of the range, exclusive (on the hour)."),
     rollups: str = typer.Option("hourly,daily,weekly,monthly", help="Rollups to run, comma-separated."),
     force: bool = typer.Option(False, "--force", help="Also re-run buckets that are already done."),
-    queue: bool = typer.Option(False, "--queue", help="One tally.backfill_bucket task per bucket, for the workers."),
+    queue: bool = typer.Option(False, "--queue", help="Send the work to the workers: tally.backfill_hours tasks of "
+                               "at most a day of hours, then one tally.backfill_bucket task per day, week, month."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, max=16, help="Run up to this many steps at once, each on "
+                             "its own database connection (a database server with idle cores backfills faster)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run, bucket by bucket and step by "
                                  "step, and why; change nothing."),
     allow_open: bool = typer.Option(False, "--allow-open", help="Also aggregate buckets that have not ended "
@@ -420,7 +423,9 @@ def backfill(
     if unseal and not force:
         raise InvalidInput("--unseal goes with --force: only a forced backfill re-aggregates what is done")
     url = say_database()
-    job = bf.Backfill(url, start, end, names, force=force, allow_open=allow_open, unseal=unseal)
+    if jobs > 1 and queue:
+        raise InvalidInput("--jobs runs steps at once in this process; with --queue the workers do (tally worker -c N)")
+    job = bf.Backfill(url, start, end, names, force=force, allow_open=allow_open, unseal=unseal, jobs=jobs)
     if dry_run:
         planned = job.dry_run()
         if as_json:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -151,6 +153,8 @@ class Runner:
         self.ledger = Ledger(self.url, pooled)  # pooled: a worker keeps its connections across tasks
         self._data = Session(self.url, pooled)
         self._halted = False  # an exception of stop_on ended a step
+        self._pooled = pooled
+        self._told = threading.Lock()  # one attempt concluded at a time (run_hours' lanes share it)
 
     # -- connections -------------------------------------------------------------------
     @property
@@ -232,7 +236,7 @@ class Runner:
         return None
 
     # -- many hours: set-based chunks ----------------------------------------------------------
-    def run_hours(self, work: list[tuple[Bucket, list[str]]]) -> list[RollupResult]:
+    def run_hours(self, work: list[tuple[Bucket, list[str]]], jobs: int = 1) -> list[RollupResult]:
         """Run hours, each with the steps it needs, in set-based chunks of consecutive hours.
 
         For each chunk and step, one statement aggregates every hour of the chunk, and one
@@ -240,7 +244,9 @@ class Runner:
         the locks of every (step, hour), taken in time order. The outputs are the same as
         hour by hour, bit for bit. A chunk that cannot run whole (a lock busy, a failure)
         runs again hour by hour, so a failing hour is isolated and the others commit. A
-        single hour runs as :meth:`run` does. Returns one result per hour, in order.
+        single hour runs as :meth:`run` does. ``jobs`` > 1: that many (chunk, step) pieces
+        at once, each lane on its own connections (the steps of an hour are independent:
+        each has its own lock, transaction and state). Returns one result per hour, in order.
         """
         work = sorted(work, key=lambda w: w[0])
         results = {b: RollupResult(uuid.uuid4(), b, False) for b, _ in work}
@@ -248,21 +254,73 @@ class Runner:
             return []
         hours = [b.start for b, _ in work]
         self.ledger.call(S.claim_marks, hours, {STEPS[s].source for _, steps in work for s in steps})
+        pieces = deque((step, run) for chunk in self._chunks(work) for step in steps_of(B.HOUR.rollup)
+                       for run in _consecutive([b for b, steps in chunk if step.name in steps]))
         try:
-            for chunk in self._chunks(work):
-                for step in steps_of(B.HOUR.rollup):
-                    for run in _consecutive([b for b, steps in chunk if step.name in steps]):
-                        if len(run) > 1 and not self.stopping() and self._run_range(step, run, results):
-                            continue
-                        for b in run:  # one hour, or a chunk that could not run whole
-                            if self.stopping():
-                                raise _Stop
-                            self._run_one(b, step, results[b])
+            if jobs > 1 and len(pieces) > 1:
+                self._run_lanes(pieces, results, jobs)
+            else:
+                while pieces:
+                    self._run_piece(*pieces.popleft(), results)
         except _Stop:
             for r in results.values():
                 r.stopped = True
         self.ledger.call(S.clear_marks, hours)
         return [results[b] for b, _ in work]
+
+    def _run_piece(self, step: Step, run: list[Bucket], results: dict[Bucket, RollupResult]) -> None:
+        """Consecutive hours of one step: as one chunk, else (a busy lock, a failure) hour by hour."""
+        if len(run) > 1 and not self.stopping() and self._run_range(step, run, results):
+            return
+        for b in run:
+            if self.stopping():
+                raise _Stop
+            self._run_one(b, step, results[b])
+
+    def _run_lanes(self, pieces: deque, results: dict[Bucket, RollupResult], jobs: int) -> None:
+        """``pieces`` taken in order by ``jobs`` lanes: this runner (in the calling thread, where
+        signals arrive) and runners of its own on their own connections, in threads."""
+        lanes = [self] + [Runner(self.url, trigger=self.trigger, task_id=self.task_id, lock_wait=self.lock_wait,
+                                 should_stop=self.should_stop, stop_on=self.stop_on, pooled=self._pooled,
+                                 on_step=self.on_step) for _ in range(jobs - 1)]
+        for lane in lanes[1:]:
+            lane._told = self._told
+        taking, ended, raised = threading.Lock(), threading.Event(), []
+
+        def drain(lane: Runner) -> None:
+            while not ended.is_set():
+                if any(x._halted for x in lanes):
+                    raise _Stop
+                with taking:
+                    if not pieces:
+                        return
+                    piece = pieces.popleft()
+                lane._run_piece(*piece, results)
+
+        def thread(lane: Runner) -> None:
+            try:
+                drain(lane)
+            except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+                raised.append(exc)
+                ended.set()
+
+        threads = [threading.Thread(target=thread, args=(lane,), name=f"tally-lane-{i}", daemon=True)
+                   for i, lane in enumerate(lanes[1:], 1)]
+        for t in threads:
+            t.start()
+        try:
+            drain(self)
+        except BaseException:
+            ended.set()  # the other lanes finish the piece they are in, then stop
+            raise
+        finally:
+            for t in threads:
+                t.join()
+            for lane in lanes[1:]:
+                self._halted = self._halted or lane._halted
+                lane.close()
+        if raised:
+            raise raised[0]
 
     def _chunks(self, work: list[tuple[Bucket, list[str]]]) -> list[list[tuple[Bucket, list[str]]]]:
         """Consecutive pieces of ``work`` of at most CHUNK_ROWS source rows an hour's worth
@@ -322,6 +380,10 @@ class Runner:
     def _conclude(self, result: RollupResult, step: str, attempt: S.Attempt | None, outcome: _Outcome) -> None:
         """The one place an attempt ends: its ledger row and state (a success's were written in
         its own transaction, with its rows), the rollup's result, the log, the progress."""
+        with self._told:
+            self._concluded(result, step, attempt, outcome)
+
+    def _concluded(self, result: RollupResult, step: str, attempt: S.Attempt | None, outcome: _Outcome) -> None:
         if outcome.status == "failed":
             if attempt is not None:
                 self.ledger.call(S.fail, [attempt], [outcome.error], [outcome.sqlstate], [outcome.transient])
