@@ -114,7 +114,7 @@ def pool(url: str):
         def configure(conn: psycopg.Connection) -> None:
             conn.execute("SET TIME ZONE 'UTC'")
 
-        _pools[key] = ConnectionPool(url, min_size=0, max_size=4, timeout=10, name="tally",
+        _pools[key] = ConnectionPool(url, min_size=0, max_size=4, timeout=10, name="tally", open=True,
                                      check=_check, configure=configure,
                                      kwargs=dict(autocommit=True, connect_timeout=10, application_name="tally"))
     return _pools[key]
