@@ -16,10 +16,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from hypothesis import settings
+# The shared fixture modules get pytest's assertion messages; registered here, before any test
+# module (or tests/faults) imports them.
+pytest.register_assert_rewrite("celery_support", "console_support", "support")
 
-from support import throwaway_db
-from tally import migrate
+from hypothesis import settings  # noqa: E402
+
+from support import throwaway_db  # noqa: E402
+from tally import migrate  # noqa: E402
 
 # Most tests use fixed dates, months in the past: sealing history (TALLY_SEAL_AFTER_DAYS, 30 by
 # default) would freeze them. The lifecycle tests set it themselves; subprocesses inherit this.

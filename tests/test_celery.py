@@ -16,8 +16,6 @@ import urllib.request
 import psycopg
 import pytest
 
-pytest.register_assert_rewrite("celery_support")
-
 import reference as ref  # noqa: E402
 from celery_support import TALLY, Worker, client, free_port, wait_for
 from outputs import read, snapshot, source_rows

@@ -20,7 +20,6 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-pytest.register_assert_rewrite("celery_support", "console_support")
 
 from celery_support import TALLY, Worker, free_port, wait_for  # noqa: E402
 from console_support import AUTH, HOUR, Server, current_hour, populate, url_as  # noqa: E402

@@ -15,8 +15,6 @@ import re
 import psycopg
 import pytest
 
-pytest.register_assert_rewrite("celery_support", "console_support")
-
 from celery_support import Worker, wait_for  # noqa: E402
 from console_support import (ARTIFACTS, AUTH, CHROMIUM_ARGS, HOUR, Server, chromium_or_skip,  # noqa: E402
                              current_hour, populate)

@@ -67,6 +67,45 @@ def test_a_range_writes_exactly_what_hour_by_hour_writes(make_db):
                          (START + HOURS * HOUR,)).fetchone()[0] == 0  # the range's marks: read and cleared
 
 
+def test_each_step_chunks_by_its_own_rows(make_db, monkeypatch):
+    """Chunk width follows each step's Step.chunk_rows and its own source's rows an hour: with
+    credit_consumption limited to ~2 hours' executions and user_activity to ~3 hours' events,
+    the three steps run 1, 4 and 3 transactions over the 8 hours (the chunks cut on whole
+    hours), in time order, and write what hour by hour writes."""
+    import dataclasses
+
+    from tally import steps as T
+
+    ranged, hourly = make_db(), make_db()
+    for url in (ranged, hourly):
+        with psycopg.connect(url, autocommit=True) as c:
+            ugly(c)
+            c.execute("ANALYZE public.execution_logs; ANALYZE analytics.user_activity")
+    with psycopg.connect(ranged) as c:
+        per_hour = {t: c.execute(f"SELECT count(*) FROM {t}").fetchone()[0] / HOURS
+                    for t in ("public.execution_logs", "analytics.user_activity")}
+    monkeypatch.setitem(T.STEPS, "credit_consumption", dataclasses.replace(
+        T.STEPS["credit_consumption"], chunk_rows=int(2.5 * per_hour["public.execution_logs"])))
+    monkeypatch.setitem(T.STEPS, "user_activity", dataclasses.replace(
+        T.STEPS["user_activity"], chunk_rows=int(3.5 * per_hour["analytics.user_activity"])))
+    with Runner(ranged, trigger="backfill") as runner:
+        work = [(B.HOUR.bucket(START + k * HOUR), ["execution_metrics", "user_activity", "credit_consumption"])
+                for k in range(HOURS)]
+        pieces = runner._pieces(work)
+        assert [(step.name, len(run)) for step, run in pieces] == [
+            ("execution_metrics", 8), ("user_activity", 3), ("credit_consumption", 2), ("credit_consumption", 2),
+            ("user_activity", 3), ("credit_consumption", 2), ("user_activity", 2), ("credit_consumption", 2)]
+        assert [run[0].start for _, run in pieces] == sorted(run[0].start for _, run in pieces)
+        assert all(r.ok for r in runner.run_hours(work))
+    for k in range(HOURS):
+        assert hourly_rollup(START + k * HOUR, url=hourly).ok
+    with psycopg.connect(ranged) as a, psycopg.connect(hourly) as b:
+        assert snapshot(a) == snapshot(b)
+        transactions = dict(a.execute("SELECT step, count(DISTINCT started_at) FROM analytics.aggregation_runs "
+                                      "GROUP BY step").fetchall())
+        assert transactions == {"execution_metrics": 1, "user_activity": 3, "credit_consumption": 4}
+
+
 def test_a_failing_chunk_falls_back_to_hour_by_hour(db_url, conn):
     ugly(conn)
     bad = START + 3 * HOUR

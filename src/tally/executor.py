@@ -118,16 +118,16 @@ def try_lock(conn: psycopg.Connection, step: Step, bucket: Bucket) -> bool:
                         lock_key(step, int(bucket.start.timestamp()) // 3600)).fetchone()[0]
 
 
-def estimate_rows(conn: psycopg.Connection, start: dt.datetime, end: dt.datetime) -> int:
-    """The planner's estimate of the source rows of [start, end) (the larger source): what a
-    range statement over it will read, known without reading it."""
-    most = 0
-    for schema, table, column in SOURCES.values():
+def estimate_rows(conn: psycopg.Connection, start: dt.datetime, end: dt.datetime) -> dict[str, int]:
+    """The planner's estimate of each source's rows in [start, end) (by name, as in SOURCES):
+    what a range statement over it will read, known without reading it."""
+    rows = {}
+    for name, (schema, table, column) in SOURCES.items():
         plan = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM {} WHERE {} >= %s AND {} < %s").format(
             sql.Identifier(schema, table), sql.Identifier(column), sql.Identifier(column)),
             [start, end]).fetchone()[0]
-        most = max(most, int(plan[0]["Plan"]["Plan Rows"]))
-    return most
+        rows[name] = int(plan[0]["Plan"]["Plan Rows"])
+    return rows
 
 
 def run_step(conn: psycopg.Connection, step: Step, bucket: Bucket) -> Counts:

@@ -47,9 +47,8 @@ TRIGGERS = ("schedule", "manual", "backfill", "retry", "catch-up")
 INTERRUPTED = "interrupted before commit; rolled back"
 
 
-# Range execution (Runner.run_hours): a chunk reads at most this many source rows (the planner's
-# estimate), and spans at most this many hours. Measured in docs/PERFORMANCE.md.
-CHUNK_ROWS = 600_000
+# Range execution (Runner.run_hours): a chunk spans at most this many hours, and reads at most its
+# step's Step.chunk_rows source rows (the planner's estimate). Measured in docs/PERFORMANCE.md.
 MAX_CHUNK_HOURS = 24
 
 
@@ -254,8 +253,7 @@ class Runner:
             return []
         hours = [b.start for b, _ in work]
         self.ledger.call(S.claim_marks, hours, {STEPS[s].source for _, steps in work for s in steps})
-        pieces = deque((step, run) for chunk in self._chunks(work) for step in steps_of(B.HOUR.rollup)
-                       for run in _consecutive([b for b, steps in chunk if step.name in steps]))
+        pieces = deque(self._pieces(work))
         try:
             if jobs > 1 and len(pieces) > 1:
                 self._run_lanes(pieces, results, jobs)
@@ -322,19 +320,27 @@ class Runner:
         if raised:
             raise raised[0]
 
-    def _chunks(self, work: list[tuple[Bucket, list[str]]]) -> list[list[tuple[Bucket, list[str]]]]:
-        """Consecutive pieces of ``work`` of at most CHUNK_ROWS source rows an hour's worth
-        (by the planner's estimate of the span) and at most MAX_CHUNK_HOURS hours."""
+    def _pieces(self, work: list[tuple[Bucket, list[str]]]) -> list[tuple[Step, list[Bucket]]]:
+        """(step, consecutive hours) to run as one chunk each, in time order (then step order):
+        each step's hours cut every ``width`` hours, the width following the step's source rows
+        an hour (the planner's estimate over the span) up to its Step.chunk_rows, at most
+        MAX_CHUNK_HOURS."""
         first, last = work[0][0].start, work[-1][0].end
-        per_hour = max(1, X.estimate_rows(self.data, first, last) // max(1, len(work)))
-        width = max(1, min(MAX_CHUNK_HOURS, CHUNK_ROWS // per_hour))
-        chunks: list[list[tuple[Bucket, list[str]]]] = []
-        for item in work:
-            if chunks and item[0].start < chunks[-1][0][0].start + dt.timedelta(hours=width):
-                chunks[-1].append(item)
-            else:
-                chunks.append([item])
-        return chunks
+        per_hour = {name: max(1, rows * 3600 // max(1, int((last - first).total_seconds())))
+                    for name, rows in X.estimate_rows(self.data, first, last).items()}
+        pieces: list[tuple[dt.datetime, int, Step, list[Bucket]]] = []
+        for order, step in enumerate(steps_of(B.HOUR.rollup)):
+            width = dt.timedelta(hours=max(1, min(MAX_CHUNK_HOURS, step.chunk_rows // per_hour[step.source])))
+            chunk: list[Bucket] = []
+            for b, steps in work:
+                if step.name not in steps:
+                    continue
+                if chunk and b.start >= chunk[0].start + width:
+                    pieces += [(run[0].start, order, step, run) for run in _consecutive(chunk)]
+                    chunk = []
+                chunk.append(b)
+            pieces += [(run[0].start, order, step, run) for run in _consecutive(chunk)]
+        return [(step, run) for _, _, step, run in sorted(pieces, key=lambda p: p[:2])]
 
     def _run_range(self, step: Step, hours: list[Bucket], results: dict[Bucket, RollupResult]) -> bool:
         """One chunk of one step in one transaction; False (nothing recorded) if it must go hour by hour."""

@@ -36,6 +36,12 @@ class Step:
     # ``<query>_rows`` is materialized as pg_temp.<query>_rows (CREATE TEMP TABLE ... AS may run
     # in parallel; an INSERT ... SELECT never does), then ``<query>`` writes from it.
     reads_separately: bool = False
+    # Range execution (Runner.run_hours): a chunk of consecutive hours of this step reads at most
+    # this many of its source rows (the planner's estimate), and spans at most 24 hours. Chosen by
+    # measurement (docs/PERFORMANCE.md, "Chunk sizes"): a long chunk amortises a statement and a
+    # commit over many hours, but a step that writes about one row per key pays for a large hash
+    # table and scattered index inserts when the chunk holds hundreds of thousands of keys.
+    chunk_rows: int = 600_000
 
     @property
     def rows_table(self) -> str:
@@ -77,7 +83,7 @@ STEPS: dict[str, Step] = {
         Step("user_activity", "hourly", "user_activity_hourly", "user_activity", source="user_activity",
              reads_separately=True),
         Step("credit_consumption", "hourly", "credit_consumption_hourly", "credit_consumption",
-             reads_separately=True),
+             reads_separately=True, chunk_rows=75_000),
         Step("daily_metrics", "daily", "execution_metrics_daily", "period_metrics", key="date"),
         Step("weekly_metrics", "weekly", "execution_metrics_weekly", "period_metrics", key="week_start"),
         Step("monthly_metrics", "monthly", "execution_metrics_monthly", "period_metrics", key="month"),
