@@ -165,3 +165,30 @@ def test_backfill_jobs_run_steps_at_once_with_the_same_rows_ledger_and_failures(
         assert failed == [("credit_consumption", START + 3 * HOUR)]
     bad = cli("backfill", *span, "--jobs", "0")
     assert bad.code == 2
+
+
+def test_backfill_jobs_gather_days_of_hours_then_run_the_days_side_by_side(make_db, monkeypatch):
+    """``backfill --jobs 2`` over five whole days: every hour's steps run before any day (the
+    hours gather, up to a week), then the days run in two lanes; ``--jobs 1`` runs each day
+    right after its hours. The same rows and the same ledger either way."""
+    first = dt.datetime(2026, 11, 20, tzinfo=UTC)
+    one, two = make_db(), make_db()
+    for url in (one, two):
+        with psycopg.connect(url, autocommit=True) as c:
+            copy_executions(c, heavy_rows(5_000, first, 120, workspaces=["w1", "w2", "w3"], rng=random.Random(7)))
+    span = ["--from", B.HOUR.label(first), "--to", B.HOUR.label(first + 120 * HOUR), "--rollups", "hourly,daily"]
+    for url, jobs in ((one, "1"), (two, "2")):
+        monkeypatch.setenv("TALLY_DATABASE_URL", url)
+        assert cli("backfill", *span, "--jobs", jobs).code == 0
+    ledger = "SELECT rollup, step, bucket_start, status FROM analytics.aggregation_runs ORDER BY 1, 2, 3, 4"
+    timing = ("SELECT (SELECT min(started_at) FROM analytics.aggregation_runs WHERE rollup = 'daily'), "
+              "(SELECT max(finished_at) FROM analytics.aggregation_runs WHERE rollup = 'hourly'), "
+              "(SELECT count(DISTINCT backend_pid) FROM analytics.aggregation_runs WHERE rollup = 'daily')")
+    with psycopg.connect(one) as a, psycopg.connect(two) as b:
+        assert snapshot(a) == snapshot(b)
+        assert a.execute(ledger).fetchall() == b.execute(ledger).fetchall()
+        assert len(b.execute("SELECT 1 FROM analytics.aggregation_runs WHERE rollup = 'daily'").fetchall()) == 5
+        first_day, last_hour, lanes = b.execute(timing).fetchone()
+        assert first_day >= last_hour and lanes == 2  # hours first, then the days in two lanes
+        first_day, last_hour, lanes = a.execute(timing).fetchone()
+        assert first_day < last_hour and lanes == 1  # day by day

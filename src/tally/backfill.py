@@ -174,6 +174,7 @@ class Backfill:
             self._check_unseal(conn)
             run_id, since = self._resume(conn) if self.force else (None, None)
             hours: list[tuple[Bucket, list[str]]] = []  # run together, in set-based chunks
+            periods: list[Bucket] = []  # whose hours are gathered above: they run after them
 
             def run_hours() -> bool:
                 """The hours gathered so far; False if a stop came."""
@@ -189,33 +190,50 @@ class Backfill:
                     self.on_update(self.report)
                 return True
 
+            def run_periods() -> bool:
+                """The hours gathered so far, then the periods after them; False if a stop came.
+                A period's steps are decided once its hours have run (they may change it)."""
+                if not run_hours():
+                    return False
+                todo = []
+                for bucket in periods:
+                    steps = self.steps_for(conn, bucket, since)
+                    if steps:
+                        todo.append((bucket, steps))
+                    else:
+                        self.report.skipped += 1
+                        self.report.done += 1
+                periods.clear()
+                if todo:
+                    self.report.current = str(todo[0][0]) if len(todo) == 1 else f"{todo[0][0]} .. {todo[-1][0]}"
+                    self.on_update(self.report)
+                for result in runner.run_periods(todo, jobs=self.jobs):
+                    self.report.ran += 1
+                    if result.stopped:
+                        return False
+                    self.report.done += 1
+                self.on_update(self.report)
+                return not self._stop
+
+            # With one job a period runs as soon as its hours have (a day's rows appear day by
+            # day); with more, hours gather for up to PERIODS_AFTER_HOURS, so that the lanes
+            # stay busy across days, and the periods then run side by side.
             for bucket in work:
                 if self._stop:
                     break
-                steps = self.steps_for(conn, bucket, since) if bucket.grain.parts is None else None
-                if steps is not None:
+                if bucket.grain.parts is None:
+                    steps = self.steps_for(conn, bucket, since)
                     if steps:
                         hours.append((bucket, steps))
                     else:
                         self.report.skipped += 1
                         self.report.done += 1
                     continue
-                if not run_hours():  # a period after the hours it holds
+                periods.append(bucket)
+                if (self.jobs == 1 or len(hours) >= PERIODS_AFTER_HOURS) and not run_periods():
                     break
-                self.report.current = str(bucket)
-                self.on_update(self.report)
-                steps = self.steps_for(conn, bucket, since)
-                if steps:
-                    result = runner.run(bucket, steps)
-                    self.report.ran += 1
-                    if result.stopped:
-                        break
-                else:
-                    self.report.skipped += 1
-                self.report.done += 1
-                self.on_update(self.report)
             else:
-                run_hours()
+                run_periods()
             if run_id is not None and not self._stop:
                 conn.execute(query("backfill_finish"), dict(id=run_id))
         self.report.stopped = self._stop
@@ -338,6 +356,7 @@ class Backfill:
                 time.sleep(poll)
 
 
+PERIODS_AFTER_HOURS = 7 * 24  # backfill --jobs > 1: hours gathered before the periods they hold run
 QUEUE_CHUNK_HOURS = 24  # hours a tally.backfill_hours task runs: workers share a range by days
 
 

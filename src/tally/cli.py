@@ -398,8 +398,9 @@ def backfill(
     force: bool = typer.Option(False, "--force", help="Also re-run buckets that are already done."),
     queue: bool = typer.Option(False, "--queue", help="Send the work to the workers: tally.backfill_hours tasks of "
                                "at most a day of hours, then one tally.backfill_bucket task per day, week, month."),
-    jobs: int = typer.Option(1, "--jobs", "-j", min=1, max=16, help="Run up to this many steps at once, each on "
-                             "its own database connection (a database server with idle cores backfills faster)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, max=16, help="Run up to this many steps (or days, weeks, "
+                             "months) at once, each on its own database connection (a database server with idle "
+                             "cores backfills faster); hours then gather up to a week before their days run."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run, bucket by bucket and step by "
                                  "step, and why; change nothing."),
     allow_open: bool = typer.Option(False, "--allow-open", help="Also aggregate buckets that have not ended "

@@ -19,6 +19,7 @@ The parts, each in its own room:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import threading
 import time
@@ -253,18 +254,35 @@ class Runner:
             return []
         hours = [b.start for b, _ in work]
         self.ledger.call(S.claim_marks, hours, {STEPS[s].source for _, steps in work for s in steps})
-        pieces = deque(self._pieces(work))
+        pieces = deque(functools.partial(Runner._run_piece, step=step, run=run, results=results)
+                       for step, run in self._pieces(work))
         try:
-            if jobs > 1 and len(pieces) > 1:
-                self._run_lanes(pieces, results, jobs)
-            else:
-                while pieces:
-                    self._run_piece(*pieces.popleft(), results)
+            self._run_lanes(pieces, jobs)
         except _Stop:
             for r in results.values():
                 r.stopped = True
         self.ledger.call(S.clear_marks, hours)
         return [results[b] for b, _ in work]
+
+    def run_periods(self, work: list[tuple[Bucket, list[str]]], jobs: int = 1) -> list[RollupResult]:
+        """Days, weeks or months, each with the steps it needs, as :meth:`run` runs them; ``jobs``
+        > 1: that many at once, each lane on its own connections (a period's steps read hourly
+        rows only, and each period has its own locks, transactions and states). Returns one
+        result per period, in order; a stop leaves the ones not begun out."""
+        results: dict[Bucket, RollupResult] = {}
+
+        def one(lane: Runner, bucket: Bucket, steps: list[str]) -> None:
+            if lane.stopping():
+                raise _Stop
+            results[bucket] = result = lane.run(bucket, steps)
+            if result.stopped:
+                raise _Stop
+
+        try:
+            self._run_lanes(deque(functools.partial(one, bucket=b, steps=s) for b, s in work), jobs)
+        except _Stop:
+            pass
+        return [results[b] for b, _ in work if b in results]
 
     def _run_piece(self, step: Step, run: list[Bucket], results: dict[Bucket, RollupResult]) -> None:
         """Consecutive hours of one step: as one chunk, else (a busy lock, a failure) hour by hour."""
@@ -275,9 +293,14 @@ class Runner:
                 raise _Stop
             self._run_one(b, step, results[b])
 
-    def _run_lanes(self, pieces: deque, results: dict[Bucket, RollupResult], jobs: int) -> None:
-        """``pieces`` taken in order by ``jobs`` lanes: this runner (in the calling thread, where
-        signals arrive) and runners of its own on their own connections, in threads."""
+    def _run_lanes(self, pieces: deque, jobs: int) -> None:
+        """``pieces`` (callables taking the lane's Runner) taken in order by ``jobs`` lanes: this
+        runner (in the calling thread, where signals arrive) and runners of its own on their
+        own connections, in threads; one lane: one after another, here."""
+        if jobs <= 1 or len(pieces) <= 1:
+            while pieces:
+                pieces.popleft()(self)
+            return
         lanes = [self] + [Runner(self.url, trigger=self.trigger, task_id=self.task_id, lock_wait=self.lock_wait,
                                  should_stop=self.should_stop, stop_on=self.stop_on, pooled=self._pooled,
                                  on_step=self.on_step) for _ in range(jobs - 1)]
@@ -293,7 +316,7 @@ class Runner:
                     if not pieces:
                         return
                     piece = pieces.popleft()
-                lane._run_piece(*piece, results)
+                piece(lane)
 
         def thread(lane: Runner) -> None:
             try:
