@@ -39,8 +39,9 @@ import run as R  # noqa: E402  (bench/run.py: scratch databases, seeding, settli
 UTC = dt.timezone.utc
 DAY = R.DAY  # a Thursday in April 2026
 NOW = DAY + dt.timedelta(days=40)  # retention runs "as of" then: the day is 40 days old
-SIZE = ("SELECT coalesce(sum(pg_total_relation_size(relid)), 0) FROM pg_partition_tree(%s) "
-        "WHERE relid::regclass::text NOT LIKE '%%unpartitioned%%'")
+# a partitioned table: its partitions' (pg_partition_tree lists nothing for a plain table)
+SIZE = ("SELECT coalesce((SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree(%(t)s) "
+        "WHERE relid::regclass::text NOT LIKE '%%unpartitioned%%'), pg_total_relation_size(%(t)s))")
 
 
 def log(msg: str) -> None:
@@ -48,7 +49,7 @@ def log(msg: str) -> None:
 
 
 def source_bytes(conn) -> int:
-    return sum(conn.execute(SIZE, [t]).fetchone()[0] for t in ("public.execution_logs", "analytics.user_activity"))
+    return sum(conn.execute(SIZE, {"t": t}).fetchone()[0] for t in ("public.execution_logs", "analytics.user_activity"))
 
 
 class Writer(threading.Thread):
