@@ -190,24 +190,26 @@ class Backfill:
                     self.on_update(self.report)
                 return True
 
+            def todo(bucket: Bucket) -> list[str]:
+                """The steps to run for ``bucket``; none: it counts as done, skipped."""
+                steps = self.steps_for(conn, bucket, since)
+                if not steps:
+                    self.report.skipped += 1
+                    self.report.done += 1
+                return steps
+
             def run_periods() -> bool:
                 """The hours gathered so far, then the periods after them; False if a stop came.
                 A period's steps are decided once its hours have run (they may change it)."""
                 if not run_hours():
                     return False
-                todo = []
-                for bucket in periods:
-                    steps = self.steps_for(conn, bucket, since)
-                    if steps:
-                        todo.append((bucket, steps))
-                    else:
-                        self.report.skipped += 1
-                        self.report.done += 1
+                ready = [(bucket, steps) for bucket in periods if (steps := todo(bucket))]
                 periods.clear()
-                if todo:
-                    self.report.current = str(todo[0][0]) if len(todo) == 1 else f"{todo[0][0]} .. {todo[-1][0]}"
+                if ready:
+                    first, last = ready[0][0], ready[-1][0]
+                    self.report.current = str(first) if first == last else f"{first} .. {last}"
                     self.on_update(self.report)
-                for result in runner.run_periods(todo, jobs=self.jobs):
+                for result in runner.run_periods(ready, jobs=self.jobs):
                     self.report.ran += 1
                     if result.stopped:
                         return False
@@ -222,12 +224,8 @@ class Backfill:
                 if self._stop:
                     break
                 if bucket.grain.parts is None:
-                    steps = self.steps_for(conn, bucket, since)
-                    if steps:
+                    if steps := todo(bucket):
                         hours.append((bucket, steps))
-                    else:
-                        self.report.skipped += 1
-                        self.report.done += 1
                     continue
                 periods.append(bucket)
                 if (self.jobs == 1 or len(hours) >= PERIODS_AFTER_HOURS) and not run_periods():
